@@ -25,7 +25,6 @@ MANIFEST_NAME = "MANIFEST.sha256.json"
 STEP_METADATA = "_CHECKPOINT_METADATA"
 REWRITTEN_AT_COMMIT = (STEP_METADATA, "commit_success.txt")
 FORMAT_VERSION = 1
-_CHUNK = 8 << 20
 
 
 def _sha256_file(path: Path) -> str:

@@ -119,11 +119,14 @@ class Checkpointer:
 
     All processes call `save`, `restore` and `wait_until_finished` (they are collectives);
     only process 0 writes manifests, the tokenizer copy and quarantine moves.
+    `read_only=True` (an eval or export job next to a live run) never writes or moves
+    anything: bad steps are logged and skipped.
     """
 
     def __init__(self, directory: str | os.PathLike, config: CheckpointConfig | None = None, *,
-                 tokenizer_dir: str | os.PathLike | None = None):
+                 tokenizer_dir: str | os.PathLike | None = None, read_only: bool = False):
         self.config = config or CheckpointConfig()
+        self.read_only = read_only
         self.directory = Path(directory).absolute()
         self._tokenizer_files = _read_tree(Path(tokenizer_dir)) if tokenizer_dir is not None else {}
         self._pending_step: int | None = None
@@ -133,6 +136,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policy,
             enable_async_checkpointing=self.config.async_save,
+            read_only=read_only, create=not read_only,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_pending)
             if self.config.async_save else None,
         )
@@ -148,6 +152,8 @@ class Checkpointer:
         config JSON and a small JSON-able `metadata` dict as checkpoint `step`. Returns once the
         arrays are copied to host memory (the caller may donate/overwrite them); files are
         written, hashed and committed in the background."""
+        if self.read_only:
+            raise ValueError(f"this Checkpointer of {self.directory} is read_only; open it with read_only=False to save")
         step = int(step)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(self._meta(step, metadata))}
         if data_state is not None:
@@ -227,12 +233,12 @@ class Checkpointer:
         """Restores a step onto the shardings in `abstract_state` (a pytree of
         `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`, or of concrete arrays), on any mesh.
 
-        With `step=None` it takes the newest intact step: newer steps that fail verification are
-        logged (one line each), moved to `_quarantine/` (so later saves of those step numbers
-        work) and listed in `Restored.skipped`. Returns None if the directory holds no
-        checkpoint. If none is intact it raises `CheckpointIntegrityError` (moving nothing), or,
-        with `fresh_if_none_intact=True`, quarantines them all and returns None. An explicit
-        `step` that is missing or corrupt raises."""
+        With `step=None` it takes the newest intact step: newer steps that fail verification
+        are logged (one line each), listed in `Restored.skipped` and moved to `_quarantine/`
+        (unless read_only), so that saving those step numbers again works. Returns None if the
+        directory holds no checkpoint. If none is intact it raises `CheckpointIntegrityError`
+        (moving nothing), or, with `fresh_if_none_intact=True`, quarantines them all and
+        returns None. An explicit `step` that is missing or corrupt raises."""
         abstract_state = _abstract(abstract_state)
         self.wait_until_finished()
         steps = self.all_steps()
@@ -272,11 +278,11 @@ class Checkpointer:
                 "aside (or delete the directory) to start fresh, or pass fresh_if_none_intact=True")
         for i, (s, reason) in enumerate(bad):
             older = bad[i + 1][0] if i + 1 < len(bad) else (found if found >= 0 else None)
-            moved = self._quarantine(s)
             then = f"falling back to step {older}" if older is not None else "starting fresh"
-            log.warning(f"checkpoint step {s} is {reason}; {then} (moved to {moved})")
+            where = "left in place: read_only" if self.read_only else f"moved to {self._quarantine(s)}"
+            log.warning(f"checkpoint step {s} is {reason}; {then} ({where})")
         _sync.barrier(f"transformer_jax_checkpoint_quarantine_{found}")
-        if bad or jax.process_count() > 1:
+        if (bad or jax.process_count() > 1) and not self.read_only:
             self._manager.reload()
         return (found if found >= 0 else None), tuple(bad)
 
