@@ -181,3 +181,46 @@ def test_default_config_end_to_end(tmp_path):
     b = next(it)
     assert b["inputs"].shape == (8, 512) and b["weights"].sum() == 8 * 512  # packed rows are full
     assert b["inputs"].max() < 8192 and np.all(b["inputs"][b["positions"] == 0] != 0)
+
+
+_HOST = r"""
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from transformer_jax.data import DataConfig, make_global_batch, make_iterator
+cfg = DataConfig.from_json(sys.argv[3])
+mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+it = make_iterator(cfg, seq_len=64, global_batch_size=8)  # process index and count from jax
+row_sums = jax.jit(lambda x: x.sum(axis=1), out_shardings=NamedSharding(mesh, P()))
+for _ in range(3):
+    batch = make_global_batch(next(it), NamedSharding(mesh, P("data", None)))
+    print("ROW_SUMS", json.dumps(np.asarray(row_sums(batch["inputs"])).tolist()), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_two_processes_build_one_global_batch(cfg):
+    """Two real JAX processes (4 CPU devices each) each load their half; the global array
+    they form together holds exactly the single-host batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", _HOST, str(port), str(i), cfg.to_json()], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    single = take(make_iterator(cfg, TOK, seq_len=64, global_batch_size=8, process_index=0, process_count=1), 3)
+    want = [b["inputs"].sum(axis=1).tolist() for b in single]
+    for out, _ in outs:
+        got = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("ROW_SUMS ")]
+        assert got == want

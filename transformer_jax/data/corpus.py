@@ -260,7 +260,8 @@ def builder_for(source: str, data_dir: str):
     """The TFDS builder behind `source`, prepared (built or downloaded) if it is not yet."""
     kind, arg = parse_source(source)
     if kind == "tfds":
-        builder = _catalog_builder(arg, data_dir)
+        def make():
+            return _catalog_builder(arg, data_dir)
     else:
         if kind == "python_functions":
             from transformer_jax.data.functions import PythonFunctions as cls  # registers the builder
@@ -268,9 +269,13 @@ def builder_for(source: str, data_dir: str):
         else:
             cls, config = (PythonSource, None) if kind == "python_source" else (TextFiles, text_files_config(arg))
         kwargs = dict(data_dir=data_dir, file_format="array_record")
-        builder = cls(config=config, **kwargs) if config is not None else cls(**kwargs)
+
+        def make():
+            return cls(config=config, **kwargs) if config is not None else cls(**kwargs)
+    builder = make()
     if not builder.is_prepared():
         with _files.locked(os.path.join(data_dir, builder.info.full_name)):
+            builder = make()  # another process may have built it while we waited: re-read its info
             _prepare(builder, source)
     return builder
 
