@@ -96,12 +96,17 @@ def test_encode_batch_matches_encode(tok):
     assert [list(a) for a in tok.encode_batch(texts)] == [tok.encode(t) for t in texts]
 
 
-def test_get_tokenizer_trains_once_then_loads(tmp_path):
+@pytest.fixture
+def code_dir(tmp_path):
     root = tmp_path / "corpus"
     root.mkdir()
     for i, (_, path) in enumerate(corpus.stdlib_files()[:40]):
         (root / f"f{i}.py").write_text(corpus.read_text(path))
-    cfg = DataConfig(source=f"text_files:{root}", data_dir=str(tmp_path / "data"), vocab_size=1024)
+    return root
+
+
+def test_get_tokenizer_trains_once_then_loads(tmp_path, code_dir):
+    cfg = DataConfig(source=f"text_files:{code_dir}", data_dir=str(tmp_path / "data"), vocab_size=1024)
     first = T.get_tokenizer(cfg)
     cached = [d for d in os.listdir(tmp_path / "data" / "tokenizers") if not d.endswith(".lock")]
     assert len(cached) == 1 and "bpe1024" in cached[0]
@@ -112,3 +117,10 @@ def test_get_tokenizer_trains_once_then_loads(tmp_path):
     assert T.get_tokenizer(cfg.replace(vocab_size=1152)).vocab_size == 1152  # a new key, a new tokenizer
     assert isinstance(T.get_tokenizer(cfg.replace(tokenizer="byte")), T.ByteTokenizer)
     np.testing.assert_array_equal(first.encode_np(CODE), again.encode_np(CODE))
+
+
+def test_fine_tuning_source_shares_the_pretraining_tokenizer(tmp_path, code_dir):
+    pre = DataConfig(source=f"text_files:{code_dir}", data_dir=str(tmp_path), vocab_size=1024)
+    fine = DataConfig(source="python_functions", task="classify", tokenizer_source=pre.source,
+                      data_dir=str(tmp_path), vocab_size=1024)
+    assert T.get_tokenizer(fine).fingerprint == T.get_tokenizer(pre).fingerprint

@@ -176,9 +176,10 @@ class TextFilesConfig(tfds.core.BuilderConfig):
 
 def text_files_config(pattern: str) -> TextFilesConfig:
     """A config named by a fingerprint of the files' paths, sizes and mtimes."""
+    pattern = os.path.abspath(os.path.expanduser(pattern))
     root, files = _list_files(pattern)
     stats = [(os.path.relpath(f, root), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-    name = "files-" + _files.digest(os.path.abspath(os.path.expanduser(pattern)), stats, MAX_DOC_BYTES)
+    name = "files-" + _files.digest(pattern, stats, MAX_DOC_BYTES)
     return TextFilesConfig(name=name, pattern=pattern, description=f"text files {pattern}")
 
 
