@@ -76,7 +76,7 @@ class Config:
         current, hint = getattr(self, head), _hints(type(self))[head]
         if rest:
             if not isinstance(current, Config):
-                raise ConfigError(f"{head!r} is a {type(current).__name__}, it has no key {rest!r}")
+                raise ConfigError(f"{head!r} is {_type_name(type(current))}, it has no key {rest!r}")
             try:
                 return dataclasses.replace(self, **{head: current.override(rest, value)})
             except ConfigError as e:
@@ -115,7 +115,9 @@ def _is_optional(hint) -> tuple[bool, Any]:
 
 
 def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    """`hint` with its article: "an int", "a float", "a ModelConfig"."""
+    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return ("an " if name[0].lower() in "aeiou" else "a ") + name
 
 
 def _check_type(owner: str, name: str, value: Any, hint) -> None:
@@ -123,7 +125,7 @@ def _check_type(owner: str, name: str, value: Any, hint) -> None:
     if value is None:
         if optional:
             return
-        raise ConfigError(f"{owner}.{name} must be a {_type_name(inner)}, got None")
+        raise ConfigError(f"{owner}.{name} must be {_type_name(inner)}, got None")
     origin = typing.get_origin(inner)
     if origin is typing.Literal:
         if value not in typing.get_args(inner):
@@ -143,7 +145,7 @@ def _check_type(owner: str, name: str, value: Any, hint) -> None:
     else:
         ok = True
     if not ok:
-        raise ConfigError(f"{owner}.{name} must be a {_type_name(inner)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{owner}.{name} must be {_type_name(inner)}, got {value!r} ({type(value).__name__})")
 
 
 def _from_plain(hint, value, where: str):

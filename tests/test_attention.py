@@ -1,0 +1,94 @@
+"""MultiHeadAttention: MHA/GQA/MQA, self and cross, RoPE, KV-cache decoding."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from transformer_jax.layers.attention import MultiHeadAttention
+
+
+def _x(shape, key=0):
+    return jax.random.normal(jax.random.key(key), shape)
+
+
+class ShapeTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((4, None), (4, 2), (4, 1))
+    def test_self_and_cross_shapes(self, heads, kv_heads):
+        m = MultiHeadAttention(num_heads=heads, head_dim=8, num_kv_heads=kv_heads, rope=True)
+        x, enc = _x((2, 5, 16)), _x((2, 7, 16), 1)
+        v = m.init(jax.random.key(0), x)
+        chex.assert_shape(self.variant(lambda v, x: m.apply(v, x, causal=True))(v, x), (2, 5, 16))
+        k = v["params"]["key"]["kernel"].value
+        chex.assert_shape(k, (16, kv_heads or heads, 8))
+        vc = m.init(jax.random.key(0), x, enc)
+        chex.assert_shape(self.variant(m.apply)(vc, x, enc), (2, 5, 16))
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    """GQA with K groups is MHA whose key/value heads are repeated H/K times."""
+    x = _x((2, 6, 16))
+    gqa = MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=2, rope=True)
+    mha = MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=4, rope=True)
+    v = jax.tree.map(lambda a: a, gqa.init(jax.random.key(0), x))
+    p = {k: {"kernel": d["kernel"].value} for k, d in v["params"].items()}
+    rep = dict(p)
+    for name in ("key", "value"):
+        rep[name] = {"kernel": jnp.repeat(p[name]["kernel"], 2, axis=1)}
+    chex.assert_trees_all_close(gqa.apply({"params": p}, x, causal=True), mha.apply({"params": rep}, x, causal=True),
+                                atol=1e-5)
+
+
+def test_causal_output_ignores_the_future():
+    m = MultiHeadAttention(num_heads=2, head_dim=8)
+    x = _x((1, 8, 16))
+    v = m.init(jax.random.key(0), x)
+    y = m.apply(v, x, causal=True)
+    y2 = m.apply(v, x.at[:, 5:].set(_x((1, 3, 16), 9)), causal=True)
+    chex.assert_trees_all_close(y[:, :5], y2[:, :5], atol=1e-6)
+    assert not np.allclose(y[:, 5:], y2[:, 5:])
+
+
+@pytest.mark.parametrize("kv_heads, rope", [(4, False), (2, True), (1, True)])
+def test_kv_cache_reproduces_full_forward(kv_heads, rope):
+    m = MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=kv_heads, rope=rope, decode=True)
+    full_m = m.clone(decode=False)
+    x = _x((2, 9, 16))
+    params = full_m.init(jax.random.key(0), x)["params"]
+    full = full_m.apply({"params": params}, x, causal=True)
+    cache = m.init(jax.random.key(0), jnp.zeros((2, 12, 16)))["cache"]
+    outs = []
+    for lo, hi in [(0, 4), (4, 5), (5, 6), (6, 9)]:  # a prefill, then single tokens, then a chunk
+        y, mut = m.apply({"params": params, "cache": cache}, x[:, lo:hi], mutable=["cache"])
+        cache = mut["cache"]
+        outs.append(y)
+    chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, atol=1e-5)
+    assert int(cache["index"]) == 9
+
+
+def test_left_padded_prompts_decode_like_each_alone():
+    """Row 1 holds a shorter prompt, left-padded (segment 0): its outputs equal decoding it alone."""
+    m = MultiHeadAttention(num_heads=2, head_dim=8, rope=True, decode=True)
+    x = _x((2, 6, 16))
+    params = m.clone(decode=False).init(jax.random.key(0), x)["params"]
+    seg = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    pos = jnp.array([[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]])
+    cache = m.init(jax.random.key(0), jnp.zeros((2, 8, 16)))["cache"]
+    y, mut = m.apply({"params": params, "cache": cache}, x, q_segment_ids=seg, q_positions=pos, mutable=["cache"])
+    alone_cache = m.init(jax.random.key(0), jnp.zeros((1, 8, 16)))["cache"]
+    alone, _ = m.apply({"params": params, "cache": alone_cache}, x[1:, 2:], mutable=["cache"])
+    chex.assert_trees_all_close(y[1, 2:], alone[0], atol=1e-5)
+    # One more token for both rows, continuing each row's own positions.
+    nxt = _x((2, 1, 16), 5)
+    y2, _ = m.apply({"params": params, "cache": mut["cache"]}, nxt, q_segment_ids=jnp.ones((2, 1), jnp.int32),
+                    q_positions=jnp.array([[6], [4]]), mutable=["cache"])
+    seq = jnp.concatenate([x[1:, 2:], nxt[1:]], 1)
+    ref = m.clone(decode=False).apply({"params": params}, seq, causal=True)
+    chex.assert_trees_all_close(y2[1, 0], ref[0, -1], atol=1e-5)
+
+
+def test_heads_not_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
+        MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=3).init(jax.random.key(0), jnp.ones((1, 2, 8)))

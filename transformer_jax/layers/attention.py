@@ -1,0 +1,113 @@
+"""Multi-head attention (Vaswani et al. 2017) with grouped key/value heads (GQA, Ainslie et al.
+2023; MQA when num_kv_heads=1), optional RoPE, and a KV cache for autoregressive decoding.
+
+Self-attention when `x_kv` is None, cross-attention otherwise.
+
+Decoding: initialise the cache with `model.init(rng, tokens_of_max_len, decode=True)` (the
+cache takes the input's length), then call with `decode=True, mutable=["cache"]` on a prompt
+chunk (prefill) or one token at a time. Each call writes its keys/values at the cache index
+and attends causally to everything written so far; `q_segment_ids` (0 = padding) let rows of
+a batch hold prompts of different lengths (left-padded).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.layers.dense import Dense, fan_in_init
+from transformer_jax.layers.dot_product import dot_product_attention
+from transformer_jax.layers.embeddings import apply_rope
+
+
+class MultiHeadAttention(nn.Module):
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None  # None: = num_heads
+    use_bias: bool = False
+    rope: bool = False
+    rope_theta: float = 10000.0
+    logit_scale: bool = True  # multiply scores by head_dim**-0.5
+    implementation: str = "auto"
+    decode: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        x_kv_BSD: jax.Array | None = None,
+        *,
+        causal: bool = False,
+        q_segment_ids: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
+        q_positions: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        bias: jax.Array | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        if self.num_heads % kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={kv_heads}")
+        self_attention = x_kv_BSD is None
+        x_kv_BSD = x_BLD if self_attention else x_kv_BSD
+        d_model = x_BLD.shape[-1]
+
+        def proj(heads, name):
+            return Dense((heads, self.head_dim), ("embed", "heads" if name == "query" else "kv_heads", "head_dim"),
+                         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+        q_BLHD = proj(self.num_heads, "query")(x_BLD)
+        k_BSKD = proj(kv_heads, "key")(x_kv_BSD)
+        v_BSKD = proj(kv_heads, "value")(x_kv_BSD)
+        q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "heads", "head_dim"))
+        k_BSKD = nn.with_logical_constraint(k_BSKD, ("batch", "length", "kv_heads", "head_dim"))
+        v_BSKD = nn.with_logical_constraint(v_BSKD, ("batch", "length", "kv_heads", "head_dim"))
+
+        b, lq = x_BLD.shape[:2]
+        q_offset = 0
+        caching = self.decode and self_attention
+        use_cache = caching and self.has_variable("cache", "cached_key")  # False on the init call
+        if caching:
+            cache_index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            if q_positions is None:
+                q_positions = (cache_index.value if use_cache else 0) + jnp.arange(lq)[None, :]
+        if self.rope and self_attention:
+            q_pos = jnp.broadcast_to(jnp.arange(lq)[None] if q_positions is None else q_positions, (b, lq))
+            k_pos = q_pos if kv_positions is None else kv_positions
+            q_BLHD = apply_rope(q_BLHD, q_pos, self.rope_theta)
+            k_BSKD = apply_rope(k_BSKD, jnp.broadcast_to(k_pos, k_BSKD.shape[:2]), self.rope_theta)
+
+        if caching:
+            k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_offset = self._update_cache(
+                k_BSKD, v_BSKD, q_segment_ids, cache_index, use_cache)
+            causal = True
+
+        scale = self.head_dim ** -0.5 if self.logit_scale else 1.0
+        out_BLHD = dot_product_attention(
+            q_BLHD, k_BSKD, v_BSKD, causal=causal, q_offset=q_offset, q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids, bias=bias, mask=mask, scale=scale, implementation=self.implementation)
+        out_BLHD = nn.with_logical_constraint(out_BLHD, ("batch", "length", "heads", "head_dim"))
+        out = Dense((d_model,), ("heads", "head_dim", "embed"), in_dims=2, use_bias=self.use_bias, dtype=self.dtype,
+                    param_dtype=self.param_dtype, kernel_init=fan_in_init(2, 3), name="out")(out_BLHD)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _update_cache(self, k_BLKD, v_BLKD, segment_ids_BL, cidx, use_cache):
+        """Writes the new keys/values at the cache index; returns what to attend over."""
+        b, l = k_BLKD.shape[:2]
+        seg = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL.astype(jnp.int32)
+        # On the init call the cache is created with the input's length and left empty.
+        ck = self.variable("cache", "cached_key", jnp.zeros, k_BLKD.shape, k_BLKD.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, v_BLKD.shape, v_BLKD.dtype)
+        cseg = self.variable("cache", "segment_ids", jnp.zeros, (b, l), jnp.int32)
+        if not use_cache:
+            return k_BLKD, v_BLKD, seg, seg, 0
+        index = cidx.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BLKD.astype(ck.value.dtype), (0, index, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BLKD.astype(cv.value.dtype), (0, index, 0, 0))
+        cseg.value = jax.lax.dynamic_update_slice(cseg.value, seg, (0, index))
+        cidx.value = index + l
+        return ck.value, cv.value, seg, cseg.value, index

@@ -1,0 +1,108 @@
+"""Token embeddings and the four kinds of position information.
+
+- sinusoidal: fixed sin/cos of geometric frequencies (Vaswani et al. 2017, sec. 3.5)
+- learned: a trainable table indexed by position (GPT-2, BERT)
+- rotary (RoPE): rotate query/key pairs by position-dependent angles (Su et al. 2021)
+- T5 relative bias: a learned scalar per head and log-bucketed distance (Raffel et al. 2020)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.layers.dense import matmul
+
+
+class Embed(nn.Module):
+    """Token table E [vocab, embed]; `attend(x)` gives logits x . E^T for tied output layers."""
+    vocab_size: int
+    features: int
+    init_std: float | None = None  # None: features**-0.5, so tied logits start at unit scale
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        std = self.features ** -0.5 if self.init_std is None else self.init_std
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(std), ("vocab", "embed")),
+            (self.vocab_size, self.features), self.param_dtype)
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        # Gather from a table whole along embed (fsdp all-gathers it, as for any weight);
+        # a table split on both dims makes the SPMD partitioner replicate it instead.
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        return jnp.take(table, tokens_BL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        return matmul(x_BLD, self.embedding.T, 1, self.dtype)
+
+
+def sinusoidal_positions(positions_BL: jax.Array, features: int, max_timescale: float = 10000.0) -> jax.Array:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...): [B, L, features] float32."""
+    inv_freq = max_timescale ** (-jnp.arange(0, features, 2, dtype=jnp.float32) / features)
+    angles = positions_BL.astype(jnp.float32)[..., None] * inv_freq  # [B, L, d/2]
+    pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # interleave sin, cos
+    return pe.reshape(*positions_BL.shape, -1)[..., :features]
+
+
+class LearnedPositions(nn.Module):
+    max_len: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, positions_BL: jax.Array) -> jax.Array:
+        table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                           (self.max_len, self.features), self.param_dtype)
+        return jnp.take(table, positions_BL, axis=0).astype(self.dtype)
+
+
+def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotates the two halves of each head (the Llama/GPT-NeoX "rotate_half" layout)."""
+    d = x_BLHD.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+    angles = positions_BL.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, L, 1, D/2]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BLHD.dtype)
+
+
+def t5_relative_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
+    """Bucket of key_pos - query_pos: exact for small distances, log-spaced up to max_distance."""
+    bucket = jnp.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0).astype(rel.dtype) * num_buckets
+        rel = jnp.abs(rel)
+    else:
+        rel = -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(rel.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(rel < max_exact, rel, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned bias [B, H, Lq, Lk] from query and key positions; shared by all layers of a stack."""
+    num_heads: int
+    num_buckets: int = 32
+    max_distance: int = 128
+    bidirectional: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, q_positions_BL: jax.Array, k_positions_BS: jax.Array) -> jax.Array:
+        table = self.param("rel_embedding", nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "heads")),
+                           (self.num_buckets, self.num_heads), self.param_dtype)
+        rel_BLS = k_positions_BS[:, None, :].astype(jnp.int32) - q_positions_BL[:, :, None].astype(jnp.int32)
+        buckets = t5_relative_bucket(rel_BLS, self.bidirectional, self.num_buckets, self.max_distance)
+        bias_BLSH = jnp.take(table, buckets, axis=0)
+        return jnp.transpose(bias_BLSH, (0, 3, 1, 2)).astype(self.dtype)

@@ -1,0 +1,52 @@
+"""From logical axis names to shardings, and sharded initialisation.
+
+    abstract = jax.eval_shape(init_fn, *args)             # boxed with logical names
+    shardings = logical_shardings(abstract, mesh, rules)  # NamedSharding per leaf
+    params = jax.jit(init_fn, out_shardings=shardings)(*args)
+
+so no parameter is ever materialised whole on one device.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from transformer_jax.parallel.rules import AXIS_SETTINGS, Rules
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedSharding for every leaf of a (boxed) tree; unboxed leaves are replicated."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def check_divisible(abstract_tree: Any, mesh: Mesh, rules: Rules) -> None:
+    """Raises a one-line ValueError when a sharded dimension does not divide its mesh axes."""
+    def visit(path, leaf):
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            return
+        mesh_axes = nn.logical_to_mesh_axes(leaf.names, rules)
+        for dim, name, axes in zip(leaf.value.shape, leaf.names, mesh_axes):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            size = int(np.prod([mesh.shape[a] for a in axes]))
+            if dim % size:
+                where = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+                setting = AXIS_SETTINGS.get(name, name)
+                raise ValueError(f"{setting}={dim} is not divisible by {where} (parameter "
+                                 f"{jax.tree_util.keystr(path)}); change the model or the mesh")
+    jax.tree_util.tree_map_with_path(visit, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def init_sharded(init_fn: Callable, mesh: Mesh, rules: Rules, *args) -> Any:
+    """Runs `init_fn(*args)` jitted with out_shardings from its logical axis names."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init_fn, *args)
+        check_divisible(abstract, mesh, rules)
+        shardings = logical_shardings(abstract, mesh, rules)
+        return jax.jit(init_fn, out_shardings=shardings)(*args)
