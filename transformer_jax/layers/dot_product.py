@@ -7,14 +7,34 @@ additive `bias`, both broadcastable to [B, H, Lq, Lk].
 
 A query with no visible key gets a uniform average instead of NaN (masked logits are
 a large finite negative), so padding rows stay finite; their outputs are meant to be ignored.
+(`cudnn` folds masks into a large negative bf16/fp16 bias: such rows are finite but not uniform.)
+
+Kernels: `xla` (einsum reference, [B, H, Lq, Lk] scores), `chunked` (blockwise online softmax
+with a FlashAttention-2 backward, memory linear in length, pure JAX, any backend), `cudnn`
+(`jax.nn.dot_product_attention` on CUDA GPUs, bf16/fp16), `auto` (`select_implementation`).
 """
 from __future__ import annotations
 
+import functools
+import logging
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+F32 = jnp.float32
+# `auto` uses `chunked` instead of `xla` once the f32 scores [B, H, Lq, Lk] would exceed this
+# many bytes. Measured on the 2-core CPU here (benchmarks/attention.py: 8 heads, d=64, f32,
+# fwd+bwd): at 1k (32 MiB of scores) xla is faster without a causal mask and about even with
+# one; at 2k (128 MiB) they are even in time while xla needs 8x the temp memory; at 4k chunked
+# is ~4x faster. So the switch sits between the two, at 64 MiB.
+CHUNKED_MIN_SCORE_BYTES = 64 * 2**20
+CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 is safe everywhere
+log = logging.getLogger(__name__)
 
 
 def dot_product_attention(
@@ -30,13 +50,73 @@ def dot_product_attention(
     bias: jax.Array | None = None,
     scale: float | None = None,
     implementation: str = "auto",
+    block_q: int = 512,
+    block_kv: int = 512,
 ) -> jax.Array:
-    """Attention output [B, Lq, H, D] in q's dtype."""
+    """Attention output [B, Lq, H, D] in q's dtype. `block_q`/`block_kv`: tile sizes of `chunked`."""
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation={implementation!r} is unknown; choose one of {IMPLEMENTATIONS}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _xla(q, k, v, causal, q_offset, q_segment_ids, kv_segment_ids, mask, bias, scale)
+    args = (q, k, v, causal, q_offset, q_segment_ids, kv_segment_ids, mask, bias, scale)
+    if implementation == "auto":
+        dense_mask = q_segment_ids is not None or mask is not None or (causal and not _is_zero(q_offset))
+        implementation, reason = select_implementation(
+            _backend(), q.dtype, q.shape[1], k.shape[1], batch=q.shape[0], heads=q.shape[2],
+            head_dim=q.shape[3], has_bias=bias is not None, dense_mask=dense_mask)
+        log.info("attention implementation=%s: %s", implementation, reason)
+    if implementation == "cudnn":
+        return _cudnn(*args)
+    if implementation == "chunked":
+        return _chunked(*args, block_q=block_q, block_kv=block_kv)
+    return _xla(*args)
+
+
+def select_implementation(backend: str, dtype, lq: int, lk: int, *, batch: int = 1, heads: int = 1,
+                          head_dim: int = 64, has_bias: bool = False, dense_mask: bool = False) -> tuple[str, str]:
+    """The kernel `auto` runs for these inputs, and why. `dense_mask`: segment ids, a boolean
+    mask or a nonzero q_offset, which cuDNN only takes as a materialised [B, 1, Lq, Lk] bias."""
+    dtype = jnp.dtype(dtype)
+    score_bytes = batch * heads * lq * lk * 4
+    if score_bytes > CHUNKED_MIN_SCORE_BYTES:
+        fallback = "chunked", f"f32 scores would take {score_bytes / 2**20:.0f} MiB > {CHUNKED_MIN_SCORE_BYTES // 2**20} MiB"
+    else:
+        fallback = "xla", f"f32 scores take only {score_bytes / 2**20:.1f} MiB"
+    if backend in ("gpu", "cuda"):  # "gpu" means CUDA here; pass "rocm" for AMD GPUs
+        why_not = _cudnn_unsupported(dtype, lq, lk, batch, head_dim, has_bias, dense_mask)
+        if why_not is None:
+            return "cudnn", "GPU with a cuDNN-supported dtype, head_dim and masks"
+        return fallback[0], f"cudnn not usable ({why_not}); {fallback[1]}"
+    if backend == "tpu":
+        # TODO(splash): a Pallas splash-attention kernel goes here (separate issue); until then
+        # TPU uses the same pure-JAX choice as CPU.
+        return fallback[0], f"TPU (no splash kernel yet); {fallback[1]}"
+    return fallback[0], f"backend {backend}; {fallback[1]}"
+
+
+def _cudnn_unsupported(dtype, lq, lk, batch, head_dim, has_bias, dense_mask):
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {dtype} is not bfloat16/float16"
+    if head_dim > CUDNN_MAX_HEAD_DIM or head_dim % 8:
+        return f"head_dim {head_dim} is not a multiple of 8 <= {CUDNN_MAX_HEAD_DIM}"
+    if (has_bias or dense_mask) and (lq % 2 or lk % 2):
+        return f"cuDNN's backward with a bias needs even lengths, got {lq}/{lk}"
+    if dense_mask and batch * lq * lk * 2 > 4 * CHUNKED_MIN_SCORE_BYTES:
+        return "the mask would have to be materialised as a large [B, 1, Lq, Lk] bias"
+    return None
+
+
+def _backend() -> str:
+    """jax.default_backend(), with "gpu" split into "cuda" and "rocm" (cuDNN exists only on CUDA)."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        version = getattr(jax.devices()[0].client, "platform_version", "").lower()
+        return "rocm" if "rocm" in version else "cuda"
+    return backend
+
+
+def _is_zero(x) -> bool:
+    return isinstance(x, (int, np.integer)) and int(x) == 0
 
 
 def _check_shapes(q, k, v, q_seg, kv_seg):
@@ -85,3 +165,212 @@ def _xla(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     p = p.reshape(b, kh, h // kh, lq, k.shape[1])
     o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
     return o.reshape(b, lq, h, d).astype(q.dtype)
+
+
+def _cudnn(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
+    """cuDNN flash attention via jax.nn; other masks than plain causal become a dense bias."""
+    backend = _backend()
+    if backend != "cuda":
+        raise ValueError(f"attention implementation='cudnn' needs a CUDA GPU; this backend is {backend} — use 'auto', 'xla' or 'chunked'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention implementation='cudnn' needs bfloat16/float16 inputs, got {q.dtype} — cast them or use 'auto'/'chunked'")
+    plain_causal = causal and _is_zero(q_offset)  # cuDNN's causal mask is top-left aligned
+    m = make_mask(q.shape[1], k.shape[1], causal=causal and not plain_causal, q_offset=q_offset,
+                  q_segment_ids=q_seg, kv_segment_ids=kv_seg, mask=mask)
+    if m is not None:
+        m = jnp.broadcast_to(m, (*m.shape[:-2], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=m, scale=scale, is_causal=plain_causal,
+                                        implementation="cudnn")
+
+
+# ----------------------------------------------------------------------------------------
+# chunked: blockwise attention with an online softmax (FlashAttention-2, Dao 2023), pure JAX.
+# Internal layout: q blocks [nq, B, K, G, bq, D], k/v blocks [nk, B, K, bk, D], scores
+# [B, K, G, bq, bk]. Mask and bias are reshaped to 5-D [B|1, K|1, G|1, Lq|1, Lk|1] and sliced
+# per block. Padding, reshapes and transposes happen outside the custom_vjp (autodiff handles
+# them); the custom_vjp saves q, k, v, out and the row logsumexp (besides the mask inputs).
+
+
+class _Cfg(NamedTuple):
+    causal: bool
+    scale: float
+    bq: int
+    bk: int
+    lk: int  # true key length (keys at >= lk are padding)
+
+
+def _chunked(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale, *, block_q=512, block_kv=512):
+    b, lq, h, d = q.shape
+    lk, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    bq, bk = max(1, min(block_q, lq)), max(1, min(block_kv, lk))
+    nq, nk = -(-lq // bq), -(-lk // bk)
+    pq, pk = nq * bq - lq, nk * bk - lk
+    cfg = _Cfg(bool(causal), float(scale), bq, bk, lk)
+
+    def blocks(x, pad, n, blk):  # [B, L, ..., D] -> [n, B, ..., blk, D]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(x.shape[0], n, blk, *x.shape[2:])
+        return jnp.moveaxis(x, (1, 2), (0, x.ndim - 2))
+
+    q_blk = blocks(q.reshape(b, lq, kh, g, d), pq, nq, bq)
+    k_blk, v_blk = blocks(k, pk, nk, bk), blocks(v, pk, nk, bk)
+    if q_seg is not None:
+        q_seg = jnp.pad(q_seg, [(0, 0), (0, pq)]).reshape(b, nq, bq).swapaxes(0, 1)
+        kv_seg = jnp.pad(kv_seg, [(0, 0), (0, pk)]).reshape(b, nk, bk).swapaxes(0, 1)
+    mask5 = None if mask is None else _to5(mask, h, kh, pq, pk)
+    bias5 = None if bias is None else _to5(bias, h, kh, pq, pk)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    out = _attend(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5)
+    out = jnp.moveaxis(out, (0, 4), (1, 2)).reshape(b, nq * bq, h, d)
+    return out[:, :lq]
+
+
+def _to5(x, h, kh, pq, pk):
+    """[..., H|1, Lq|1, Lk|1] -> [B|1, K|1, G|1, Lq_pad|1, Lk_pad|1]."""
+    x = jnp.reshape(x, (1,) * (4 - x.ndim) + x.shape)
+    hb = x.shape[1]
+    if hb not in (1, h):
+        raise ValueError(f"attention mask/bias heads dim {hb} must be 1 or num_heads={h}")
+    x = x.reshape(x.shape[0], *((kh, h // kh) if hb == h else (1, 1)), *x.shape[2:])
+    pads = [(0, 0)] * 3 + [(0, pq if x.shape[3] > 1 else 0), (0, pk if x.shape[4] > 1 else 0)]
+    return jnp.pad(x, pads)
+
+
+def _block(x5, cfg, i, j):
+    """Tile (q block i, kv block j) of a 5-D mask/bias, keeping broadcast dims of size 1."""
+    if x5.shape[3] > 1:
+        x5 = lax.dynamic_slice_in_dim(x5, i * cfg.bq, cfg.bq, axis=3)
+    if x5.shape[4] > 1:
+        x5 = lax.dynamic_slice_in_dim(x5, j * cfg.bk, cfg.bk, axis=4)
+    return x5
+
+
+def _scores_and_visible(cfg, q_offset, i, j, q_i, k_j, qseg_i, kvseg_j, mask5, bias5):
+    """f32 scores [B, K, G, bq, bk] of tile (i, j) and which of them are visible."""
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_j, preferred_element_type=F32) * cfg.scale
+    if bias5 is not None:
+        s = s + _block(bias5, cfg, i, j).astype(F32)
+    kpos = j * cfg.bk + jnp.arange(cfg.bk)
+    vis = kpos < cfg.lk
+    if cfg.causal:
+        qpos = i * cfg.bq + jnp.arange(cfg.bq) + q_offset
+        vis = vis & (kpos[None, :] <= qpos[:, None])
+    if qseg_i is not None:
+        vis = vis & (qseg_i[:, None, None, :, None] == kvseg_j[:, None, None, None, :])
+    if mask5 is not None:
+        vis = vis & _block(mask5, cfg, i, j)
+    return s, vis
+
+
+def _kv_range(cfg, q_offset, i, nk):
+    """KV blocks that q block i can see: causality skips the ones after its last query."""
+    if not cfg.causal:
+        return 0, nk
+    return 0, jnp.clip((i * cfg.bq + cfg.bq - 1 + q_offset) // cfg.bk + 1, 0, nk)
+
+
+def _q_range(cfg, q_offset, j, nq):
+    """Q blocks that can see kv block j."""
+    if not cfg.causal:
+        return 0, nq
+    first = -((q_offset + cfg.bq - 1 - j * cfg.bk) // cfg.bq)  # ceil((j*bk - q_offset - bq + 1) / bq)
+    return jnp.clip(first, 0, nq), nq
+
+
+def _finite_max(m):
+    return jnp.where(jnp.isneginf(m), 0.0, m)
+
+
+def _forward(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5):
+    nk = k_blk.shape[0]
+    mean_v = v_blk.astype(F32).sum((0, 3)) / cfg.lk  # [B, K, D]: what a row with no visible key gets
+
+    def q_block(args):
+        i, q_i, qseg_i = args
+        shape = q_i.shape[:-1]  # [B, K, G, bq]
+
+        def kv_step(j, carry):
+            m, l, acc = carry
+            s, vis = _scores_and_visible(cfg, q_offset, i, j, q_i, k_blk[j], qseg_i,
+                                         None if kv_seg is None else kv_seg[j], mask5, bias5)
+            m_new = jnp.maximum(m, jnp.where(vis, s, -jnp.inf).max(-1))
+            m_use = _finite_max(m_new)
+            p = jnp.where(vis, jnp.exp(s - m_use[..., None]), 0.0)
+            alpha = jnp.exp(m - m_use)
+            acc = alpha[..., None] * acc + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_blk.dtype), v_blk[j],
+                                                      preferred_element_type=F32)
+            return m_new, alpha * l + p.sum(-1), acc
+
+        init = (jnp.full(shape, -jnp.inf, F32), jnp.zeros(shape, F32), jnp.zeros(q_i.shape, F32))
+        m, l, acc = lax.fori_loop(*_kv_range(cfg, q_offset, i, nk), kv_step, init)
+        empty = l == 0.0
+        l_safe = jnp.where(empty, 1.0, l)
+        out = jnp.where(empty[..., None], mean_v[:, :, None, None, :], acc / l_safe[..., None])
+        lse = jnp.where(empty, jnp.inf, _finite_max(m) + jnp.log(l_safe))
+        return out.astype(q_i.dtype), lse
+
+    return lax.map(q_block, (jnp.arange(q_blk.shape[0]), q_blk, q_seg))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5):
+    return _forward(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5)[0]
+
+
+def _attend_fwd(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5):
+    out, lse = _forward(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5)
+    return out, (q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5, out, lse)
+
+
+def _attend_bwd(cfg, res, d_out):
+    """FlashAttention-2 backward (Algorithm 2): recompute P per tile from the saved logsumexp,
+    dS = P * (dP - D) with D = rowsum(dO * O). One pass: a scan over kv blocks (emitting dK, dV)
+    whose inner loop over the q blocks that see it adds into a carried dQ (and d bias). On a
+    sequential machine this does each tile's exp and QK^T once instead of twice (two passes)."""
+    q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5, out, lse = res
+    nq, nk = q_blk.shape[0], k_blk.shape[0]
+    dd = (d_out.astype(F32) * out.astype(F32)).sum(-1)  # D [nq, B, K, G, bq]
+    empty = jnp.isinf(lse)  # rows that saw no key output mean(v): their dO spreads uniformly over v
+    do_empty = jnp.where(empty[..., None], d_out.astype(F32), 0.0).sum((0, 3, 4))  # [B, K, D]
+
+    def kv_block(carry, args):
+        j, k_j, v_j, kvseg_j = args
+
+        def q_step(i, c):
+            dk, dv, dq, db = c
+            q_i, do_i = q_blk[i], d_out[i]
+            s, vis = _scores_and_visible(cfg, q_offset, i, j, q_i, k_j, None if q_seg is None else q_seg[i], kvseg_j, mask5, bias5)
+            p = jnp.where(vis, jnp.exp(s - lse[i][..., None]), 0.0)  # empty rows: lse=inf, p=0
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=F32)
+            ds = p * (dp - dd[i][..., None])
+            dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_i.dtype), do_i, preferred_element_type=F32)
+            dsc = ds.astype(q_blk.dtype)
+            dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", dsc, q_i, preferred_element_type=F32)
+            dq = dq.at[i].add(jnp.einsum("bkgqs,bksd->bkgqd", dsc, k_j, preferred_element_type=F32))
+            if bias5 is not None:
+                db = _add_bias_tile(db, ds, cfg, i, j)
+            return dk, dv, dq, db
+
+        zeros = jnp.zeros(k_j.shape, F32)
+        dk, dv, dq, db = lax.fori_loop(*_q_range(cfg, q_offset, j, nq), q_step, (zeros, zeros) + carry)
+        real = (j * cfg.bk + jnp.arange(cfg.bk) < cfg.lk)[:, None]
+        dv = dv + jnp.where(real, do_empty[:, :, None, :] / cfg.lk, 0.0)
+        return (dq, db), ((dk * cfg.scale).astype(k_blk.dtype), dv.astype(v_blk.dtype))
+
+    db0 = None if bias5 is None else jnp.zeros(bias5.shape, F32)
+    (dq, db), (dk, dv) = lax.scan(kv_block, (jnp.zeros(q_blk.shape, F32), db0), (jnp.arange(nk), k_blk, v_blk, kv_seg))
+    dq = (dq * cfg.scale).astype(q_blk.dtype)
+    db = None if bias5 is None else db.astype(bias5.dtype)
+    return None, dq, dk, dv, None, None, None, db
+
+
+def _add_bias_tile(db, ds, cfg, i, j):
+    """Add a dS tile [B, K, G, bq, bk], summed over the bias's broadcast dims, into d bias."""
+    axes = tuple(a for a in range(5) if db.shape[a] == 1 and ds.shape[a] > 1)
+    ds = ds.sum(axes, keepdims=True)
+    idx = (0, 0, 0, i * cfg.bq if db.shape[3] > 1 else 0, j * cfg.bk if db.shape[4] > 1 else 0)
+    return lax.dynamic_update_slice(db, lax.dynamic_slice(db, idx, ds.shape) + ds, idx)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
