@@ -1,0 +1,118 @@
+"""Decoding: greedy equals repeated full forwards, sampling is seeded, filters never leak,
+batched prompts decode like each alone, beam search with one beam is greedy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transformer_jax import decode
+from transformer_jax.models import build_model, get_config
+
+
+@pytest.fixture(scope="module")
+def lm():
+    cfg = get_config("llama-tiny")
+    model = build_model(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    return model, params
+
+
+@pytest.fixture(scope="module")
+def seq2seq():
+    cfg = get_config("t5-tiny")
+    model = build_model(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32), jnp.ones((1, 4), jnp.int32))["params"]
+    return model, params
+
+
+def test_greedy_equals_argmax_of_full_forwards(lm):
+    model, params = lm
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    out = decode.generate(model, params, prompts, max_new_tokens=6)
+    forward = jax.jit(lambda t: model.apply({"params": params}, t))
+    for row, prompt in enumerate(prompts):
+        seq = list(prompt)
+        for _ in range(6):
+            seq.append(int(jnp.argmax(forward(jnp.asarray([seq]))[0, -1])))
+        assert out.tokens[row].tolist() == seq[len(prompt):]
+    assert list(decode.stream(model, params, prompts[0], max_new_tokens=6)) == out.tokens[0].tolist()
+
+
+def test_batched_prompts_equal_each_alone_and_sampling_is_seeded(lm):
+    model, params = lm
+    prompts = [[9, 8, 7, 6, 5, 4], [11], [12, 13, 14]]
+    kw = dict(max_new_tokens=5, temperature=1.0, top_k=50, seed=3)
+    batched = decode.generate(model, params, prompts, **kw)
+    np.testing.assert_array_equal(batched.tokens, decode.generate(model, params, prompts, **kw).tokens)
+    assert not np.array_equal(batched.tokens, decode.generate(model, params, prompts, **dict(kw, seed=4)).tokens)
+    greedy = decode.generate(model, params, prompts, max_new_tokens=5)
+    for row, prompt in enumerate(prompts):
+        alone = decode.generate(model, params, [prompt], max_new_tokens=5)
+        np.testing.assert_array_equal(greedy.tokens[row], alone.tokens[0])
+
+
+def test_stops_at_eos(lm):
+    model, params = lm
+    first = decode.generate(model, params, [[5, 6]], max_new_tokens=6).tokens[0].tolist()
+    k = max(i for i in range(6) if first[i] not in first[:i])  # the last token that is new
+    out = decode.generate(model, params, [[5, 6]], max_new_tokens=6, eos_id=first[k], pad_id=0)
+    assert out.lengths[0] == k + 1 and out.tokens[0, :k + 1].tolist() == first[:k + 1]
+    assert (out.tokens[0, k + 1:] == 0).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), top_k=st.integers(1, 20), top_p=st.floats(0.05, 1.0))
+def test_top_k_and_top_p_never_emit_excluded_tokens(seed, top_k, top_p):
+    logits = jax.random.normal(jax.random.key(seed), (4, 64)) * 3
+    draws = jax.vmap(lambda k: decode.sample(k, logits, temperature=1.0, top_k=top_k, top_p=top_p))(
+        jax.random.split(jax.random.key(seed + 1), 32))  # [32, 4]
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    for row in range(4):
+        order = np.argsort(-probs[row])
+        allowed = set(order[:top_k].tolist())
+        mass_before = np.cumsum(probs[row][order]) - probs[row][order]
+        allowed &= set(order[mass_before < top_p].tolist())
+        assert set(np.asarray(draws[:, row]).tolist()) <= allowed
+
+
+def test_bad_sampling_settings(lm):
+    model, params = lm
+    for kw, message in [(dict(top_p=0.0), "top_p=0.0 must be in"), (dict(temperature=-1), "temperature=-1 must be"),
+                        (dict(top_k=-2), "top_k=-2 must be >= 0"), (dict(max_new_tokens=0), "max_new_tokens=0")]:
+        with pytest.raises(ValueError, match=message):
+            decode.generate(model, params, [[1]], **{"max_new_tokens": 3, **kw})
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        decode.generate(model, params, [[1], []], max_new_tokens=3)
+    with pytest.raises(ValueError, match="exceeds max_len=64"):
+        decode.generate(build_model(get_config("gpt2-tiny")), None, [[1] * 60], max_new_tokens=10)
+
+
+def test_encoder_decoder_greedy_and_beam_of_one_agree(seq2seq):
+    model, params = seq2seq
+    inputs = [[5, 6, 7, 8], [9, 10]]
+    greedy = decode.generate(model, params, [[1], [1]], inputs=inputs, max_new_tokens=5)
+    beam1 = decode.beam_search(model, params, inputs, beam_size=1, max_new_tokens=5, eos_id=2, bos_id=1)
+    np.testing.assert_array_equal(greedy.tokens, beam1.tokens)
+    # Greedy matches the argmax of full teacher-forced forwards.
+    fwd = jax.jit(lambda i, d: model.apply({"params": params}, i, d))
+    seq = [1]
+    for _ in range(5):
+        seq.append(int(jnp.argmax(fwd(jnp.asarray([inputs[0]]), jnp.asarray([seq]))[0, -1])))
+    assert greedy.tokens[0].tolist() == seq[1:]
+
+
+def test_beam_search_finds_a_likelier_sequence_than_greedy(seq2seq):
+    """With 4 beams and no length penalty the best hypothesis scores at least greedy's log-prob."""
+    model, params = seq2seq
+    inputs = [[5, 6, 7, 8], [9, 10, 11]]
+    fwd = jax.jit(lambda i, d: model.apply({"params": params}, i, d))
+    def logprob(inp, out):
+        dec = jnp.asarray([[1] + out[:-1]])
+        lp = jax.nn.log_softmax(fwd(jnp.asarray([inp]), dec)[0])
+        return float(sum(lp[t, tok] for t, tok in enumerate(out)))
+    greedy = decode.generate(model, params, [[1], [1]], inputs=inputs, max_new_tokens=4)
+    beam = decode.beam_search(model, params, inputs, beam_size=4, max_new_tokens=4, alpha=0.0, eos_id=2, bos_id=1)
+    for row, inp in enumerate(inputs):
+        assert logprob(inp, beam.tokens[row].tolist()) >= logprob(inp, greedy.tokens[row].tolist()) - 1e-4

@@ -1,0 +1,276 @@
+"""Autoregressive decoding with a KV cache: greedy, temperature, top-k and top-p sampling for
+`DecoderLM` and `EncoderDecoder`, and beam search with a length penalty for `EncoderDecoder`.
+
+    out = generate(model, params, prompts, max_new_tokens=64, temperature=0.8, top_p=0.95, eos_id=2)
+    out.tokens   # [B, max_new_tokens] int32, pad_id after each row's EOS
+    out.lengths  # [B] tokens generated per row (EOS included)
+
+Prompts of different lengths are left-padded into one batch: padding has segment id 0, so
+no row attends to it, and positions restart at each row's first real token, so a row decodes
+exactly as it would alone. One jitted prefill runs the prompts; a `lax.while_loop` then
+decodes a token per iteration until every row hit EOS or `max_new_tokens`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass
+class Generated:
+    tokens: np.ndarray  # [B, N]
+    lengths: np.ndarray  # [B]
+
+
+# -- sampling ---------------------------------------------------------------------------
+
+def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets logits outside the top-k and outside the top-p nucleus to -inf (0 / 1.0 = off)."""
+    if top_k:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth, NEG_INF, logits_BV)
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BV, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        keep = before < top_p  # the smallest prefix whose mass reaches top_p (never empty)
+        threshold = jnp.min(jnp.where(keep, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < threshold, NEG_INF, logits_BV)
+    return logits_BV
+
+
+def sample(rng, logits_BV, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Next tokens [B]: argmax when temperature == 0, else a draw from the filtered softmax."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+# -- batching prompts -------------------------------------------------------------------
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """(tokens [B, P], segment_ids [B, P], positions [B, P], lengths [B]) for left-padded prompts."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if (lengths == 0).any():
+        raise ValueError("every prompt needs at least one token (e.g. bos)")
+    p = int(lengths.max())
+    tokens = np.full((len(prompts), p), pad_id, np.int32)
+    seg = np.zeros((len(prompts), p), np.int32)
+    pos = np.zeros((len(prompts), p), np.int32)
+    for i, prompt in enumerate(prompts):
+        n = len(prompt)
+        tokens[i, p - n:] = prompt
+        seg[i, p - n:] = 1
+        pos[i, p - n:] = np.arange(n)
+    return tokens, seg, pos, lengths
+
+
+def init_cache(model, batch: int, length: int, encoded: jax.Array | None = None) -> Any:
+    """A zero cache for `batch` rows of `length` positions (shapes from eval_shape: no params made)."""
+    def make():
+        tok = jnp.zeros((batch, length), jnp.int32)
+        if encoded is None:
+            return model.init(jax.random.key(0), tok, decode=True)["cache"]
+        return model.init(jax.random.key(0), jnp.zeros(encoded.shape[:2], jnp.int32), tok, decode=True)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make))
+
+
+# -- the decode loop --------------------------------------------------------------------
+
+def _decoder_apply(model, params, cache, tokens, seg, pos, encoded, encoded_seg):
+    """Logits [B, L, V] and the new cache, for either family."""
+    if encoded is None:
+        logits, mut = model.apply({"params": params, "cache": cache}, tokens, segment_ids=seg, positions=pos,
+                                  decode=True, mutable=["cache"])
+    else:
+        logits, mut = model.apply({"params": params, "cache": cache}, encoded, tokens,
+                                  encoded_segment_ids=encoded_seg, segment_ids=seg, positions=pos, decode=True,
+                                  method="decode", mutable=["cache"])
+    return logits, mut["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id",
+                                             "pad_id"))
+def _generate(model, params, cache, tokens, seg, pos, lengths, rng, encoded, encoded_seg, *, max_new_tokens,
+              temperature, top_k, top_p, eos_id, pad_id):
+    b = tokens.shape[0]
+    logits, cache = _decoder_apply(model, params, cache, tokens, seg, pos, encoded, encoded_seg)  # prefill
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    n_out = jnp.zeros((b,), jnp.int32)
+
+    def cond(carry):
+        i, _, _, done, *_ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, last_logits, done, out, n_out, rng = carry
+        rng, key = jax.random.split(rng)
+        nxt = sample(key, last_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = out.at[:, i].set(nxt)
+        n_out = n_out + (~done).astype(jnp.int32)
+        done = done | (nxt == eos_id) if eos_id is not None else done
+        step_pos = (lengths + i)[:, None]
+        logits, cache = _decoder_apply(model, params, cache, nxt[:, None], jnp.ones((b, 1), jnp.int32), step_pos,
+                                       encoded, encoded_seg)
+        return i + 1, cache, logits[:, -1], done, out, n_out, rng
+
+    carry = (jnp.int32(0), cache, logits[:, -1], done, out, n_out, rng)
+    _, _, _, _, out, n_out, _ = jax.lax.while_loop(cond, body, carry)
+    return out, n_out
+
+
+def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int = 0,
+             inputs: Sequence[Sequence[int]] | None = None) -> Generated:
+    """Continues each prompt. For an `EncoderDecoder`, `inputs` are the encoder's token lists and
+    `prompts` the decoder's starts (e.g. `[[bos]] * B`)."""
+    _check_sampling(temperature, top_k, top_p, max_new_tokens)
+    tokens, seg, pos, lengths = left_pad(prompts, pad_id)
+    b, p = tokens.shape
+    cfg = model.config
+    total = p + max_new_tokens
+    if cfg.position == "learned" and total > cfg.max_len:
+        raise ValueError(f"prompt length {p} + max_new_tokens={max_new_tokens} exceeds max_len={cfg.max_len} "
+                         "of the learned position table; shorten the prompt or max_new_tokens")
+    encoded = encoded_seg = None
+    if cfg.family == "encoder_decoder":
+        if inputs is None:
+            raise ValueError("an EncoderDecoder needs `inputs` (the encoder's token lists)")
+        enc_tok, encoded_seg, enc_pos, _ = _right_pad(inputs, pad_id)
+        encoded = _encode(model, params, enc_tok, encoded_seg, enc_pos)
+        cache = init_cache(model, b, total, encoded)
+    else:
+        cache = init_cache(model, b, total)
+    out, n = _generate(model, params, cache, tokens, seg, pos, jnp.asarray(lengths), jax.random.key(seed), encoded,
+                       encoded_seg, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                       top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
+    return Generated(np.asarray(out), np.asarray(n))
+
+
+def stream(model, params, prompt: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0, eos_id: int | None = None, seed: int = 0) -> Iterator[int]:
+    """Yields a `DecoderLM`'s tokens one at a time as they are decoded (for the CLI)."""
+    _check_sampling(temperature, top_k, top_p, max_new_tokens)
+    tokens, seg, pos, lengths = left_pad([prompt])
+    cache = init_cache(model, 1, tokens.shape[1] + max_new_tokens)
+    step = jax.jit(functools.partial(_decoder_apply, model), static_argnums=())
+    logits, cache = step(params, cache, tokens, seg, pos, None, None)
+    rng = jax.random.key(seed)
+    for i in range(max_new_tokens):
+        rng, key = jax.random.split(rng)
+        nxt = sample(key, logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p)
+        tok = int(nxt[0])
+        yield tok
+        if tok == eos_id:
+            return
+        logits, cache = step(params, cache, nxt[:, None], jnp.ones((1, 1), jnp.int32),
+                             jnp.asarray([[int(lengths[0]) + i]]), None, None)
+
+
+def _check_sampling(temperature, top_k, top_p, max_new_tokens):
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+
+
+def _right_pad(seqs, pad_id):
+    lengths = np.array([len(s) for s in seqs], np.int32)
+    n = int(lengths.max())
+    tokens = np.full((len(seqs), n), pad_id, np.int32)
+    seg = np.zeros((len(seqs), n), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+        seg[i, :len(s)] = 1
+    pos = np.broadcast_to(np.arange(n, dtype=np.int32), tokens.shape) * seg
+    return tokens, seg, pos, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encode(model, params, tokens, seg, pos):
+    return model.apply({"params": params}, tokens, segment_ids=seg, positions=pos, method="encode")
+
+
+# -- beam search (EncoderDecoder) -------------------------------------------------------
+
+def length_penalty(length, alpha: float):
+    """GNMT's ((5 + length) / 6) ** alpha (Wu et al. 2016)."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_new_tokens", "alpha", "eos_id", "bos_id",
+                                             "pad_id"))
+def _beam_search(model, params, encoded, encoded_seg, cache, *, beam_size, max_new_tokens, alpha, eos_id, bos_id,
+                 pad_id):
+    b = encoded.shape[0] // beam_size
+    k = beam_size
+    flat = lambda x: x.reshape((b * k,) + x.shape[2:])  # noqa: E731
+    unflat = lambda x: x.reshape((b, k) + x.shape[1:])  # noqa: E731
+    # Only beam 0 is live at the start, so the first expansion does not pick k copies.
+    scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1))  # [B, K] sum of log-probs
+    seqs = jnp.full((b, k, max_new_tokens), pad_id, jnp.int32)
+    finished = jnp.zeros((b, k), bool)
+    last = jnp.full((b * k, 1), bos_id, jnp.int32)
+
+    def step(i, carry):
+        cache, scores, seqs, finished, last = carry
+        logits, cache = _decoder_apply(model, params, cache, last, jnp.ones_like(last), jnp.full_like(last, i),
+                                       encoded, encoded_seg)
+        logp = unflat(jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)))  # [B, K, V]
+        v = logp.shape[-1]
+        # A finished beam extends only with pad at no cost, keeping its score.
+        pad_only = jnp.full((v,), NEG_INF).at[pad_id].set(0.0)
+        logp = jnp.where(finished[..., None], pad_only, logp)
+        cand = (scores[..., None] + logp).reshape(b, k * v)
+        # Rank by length-penalised score; finished beams are frozen at their length.
+        lengths = jnp.where(finished, jnp.sum(seqs != pad_id, -1), i + 1).astype(jnp.float32)
+        ranked = cand / jnp.repeat(length_penalty(lengths, alpha), v, axis=-1)
+        _, idx = jax.lax.top_k(ranked, k)  # [B, K]
+        beam, tok = idx // v, (idx % v).astype(jnp.int32)
+        scores = jnp.take_along_axis(cand, idx, -1)
+        seqs = jnp.take_along_axis(seqs, beam[..., None], 1)
+        was_finished = jnp.take_along_axis(finished, beam, 1)
+        seqs = seqs.at[:, :, i].set(jnp.where(was_finished, pad_id, tok))
+        finished = was_finished | (tok == eos_id)
+        gather = (beam + jnp.arange(b)[:, None] * k).reshape(-1)
+        cache = jax.tree.map(lambda c: c[gather] if c.ndim and c.shape[0] == b * k else c, cache)
+        return cache, scores, seqs, finished, tok.reshape(b * k, 1)
+
+    cache, scores, seqs, finished, _ = jax.lax.fori_loop(0, max_new_tokens, step,
+                                                         (cache, scores, seqs, finished, last))
+    lengths = jnp.sum(seqs != pad_id, -1)
+    final = scores / length_penalty(lengths.astype(jnp.float32), alpha)
+    best = jnp.argmax(final, -1)
+    return jnp.take_along_axis(seqs, best[:, None, None], 1)[:, 0], jnp.take_along_axis(lengths, best[:, None], 1)[:, 0]
+
+
+def beam_search(model, params, inputs: Sequence[Sequence[int]], *, beam_size: int = 4, max_new_tokens: int,
+                alpha: float = 0.6, eos_id: int, bos_id: int, pad_id: int = 0) -> Generated:
+    """Best of `beam_size` hypotheses per input by length-penalised log-probability."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size={beam_size} must be >= 1")
+    if model.config.family != "encoder_decoder":
+        raise ValueError("beam_search is for EncoderDecoder models; use generate() for a DecoderLM")
+    enc_tok, enc_seg, enc_pos, _ = _right_pad(inputs, pad_id)
+    encoded = _encode(model, params, enc_tok, enc_seg, enc_pos)
+    encoded = jnp.repeat(encoded, beam_size, axis=0)
+    enc_seg = jnp.repeat(jnp.asarray(enc_seg), beam_size, axis=0)
+    cache = init_cache(model, encoded.shape[0], max_new_tokens, encoded)
+    seqs, lengths = _beam_search(model, params, encoded, enc_seg, cache, beam_size=beam_size,
+                                 max_new_tokens=max_new_tokens, alpha=float(alpha), eos_id=eos_id, bos_id=bos_id,
+                                 pad_id=pad_id)
+    return Generated(np.asarray(seqs), np.asarray(lengths))
