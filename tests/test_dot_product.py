@@ -10,7 +10,7 @@ from absl.testing import parameterized
 from hypothesis import given, settings, strategies as st
 
 from transformer_jax.layers.dot_product import (
-    CHUNKED_MIN_SCORE_BYTES, IMPLEMENTATIONS, dot_product_attention, select_implementation)
+    CHUNKED_MIN_SCORES, IMPLEMENTATIONS, dot_product_attention, select_implementation)
 
 
 def _qkv(rng, b, lq, lk, h, kh, d, dtype=jnp.float32):
@@ -111,6 +111,37 @@ def test_traced_q_offset_under_jit_matches_xla():
         chex.assert_trees_all_close(attend("chunked", q, k, v, offset), attend("xla", q, k, v, offset), atol=2e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 7, 9), (2, 1, 1, 9), (7, 9), (1, 1, 7, 1), (4, 1, 1)])
+def test_bias_gradient_for_every_broadcast_shape(shape):
+    """d bias sums over exactly the dims the bias broadcasts over (T5's [1, H, Lq, Lk], padding [B, 1, 1, Lk]...)."""
+    rng = np.random.default_rng(9)
+    q, k, v = _qkv(rng, 2, 7, 9, 4, 2, 4)
+    bias = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    out, grads = _value_and_grads("chunked", q, k, v, bias, causal=True, block_q=3, block_kv=4)
+    ref_out, ref_grads = _value_and_grads("xla", q, k, v, bias, causal=True)
+    chex.assert_shape(grads[3], shape)
+    chex.assert_trees_all_close((out, grads), (ref_out, ref_grads), atol=5e-5, rtol=5e-5)
+
+
+def test_causal_block_skipping_at_every_offset():
+    """Skipped tiles are exactly the fully masked ones: grads match xla for every q_offset (traced,
+    so one compile) on blocks that do not divide the lengths, including the boundary alignments."""
+    rng = np.random.default_rng(8)
+    q, k, v = _qkv(rng, 1, 10, 12, 2, 1, 4)
+    bias = jnp.asarray(rng.normal(size=(1, 2, 10, 12)), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(impl, q, k, v, bias, offset):
+        def loss(q, k, v, bias):
+            out = dot_product_attention(q, k, v, bias=bias, causal=True, q_offset=offset, implementation=impl,
+                                        block_q=3, block_kv=4)
+            return jnp.sum(jnp.sin(out) * jnp.arange(out.size).reshape(out.shape))
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for offset in range(-7, 10):
+        chex.assert_trees_all_close(run("chunked", q, k, v, bias, offset), run("xla", q, k, v, bias, offset),
+                                    atol=1e-4, rtol=1e-4, custom_message=f"q_offset={offset}")
+
+
 def test_causality():
     """Output at query t is unchanged when keys/values after t + q_offset change."""
     rng = np.random.default_rng(2)
@@ -170,7 +201,7 @@ def test_bf16_inputs_close_to_f32_reference():
 
 # ---- dispatch -----------------------------------------------------------------------------
 
-SMALL, LARGE = 256, 4096  # f32 scores 2 MiB / 512 MiB at 8 heads
+SMALL, LARGE = 256, 4096
 
 
 @pytest.mark.parametrize("backend,dtype,length,want", [
@@ -183,16 +214,18 @@ SMALL, LARGE = 256, 4096  # f32 scores 2 MiB / 512 MiB at 8 heads
 def test_select_implementation(backend, dtype, length, want):
     name, reason = select_implementation(backend, dtype, length, length, batch=1, heads=8, head_dim=64)
     assert name == want and isinstance(reason, str) and reason
-    assert (name == "chunked") == (8 * length * length * 4 > CHUNKED_MIN_SCORE_BYTES) or name == "cudnn"
+    assert (name == "chunked") == (length * length > CHUNKED_MIN_SCORES) or name == "cudnn"
 
 
 def test_select_implementation_gpu_fallbacks_say_why():
     name, reason = select_implementation("gpu", jnp.bfloat16, 512, 512, head_dim=100)
     assert name == "xla" and "head_dim" in reason
-    name, reason = select_implementation("gpu", jnp.bfloat16, 513, 512, has_bias=True)
+    name, reason = select_implementation("gpu", jnp.bfloat16, 255, 512, has_bias=True)
     assert name == "xla" and "even" in reason
     assert select_implementation("gpu", jnp.bfloat16, 512, 512, dense_mask=True)[0] == "cudnn"
     assert select_implementation("gpu", jnp.bfloat16, 16384, 16384, batch=8, dense_mask=True)[0] == "chunked"
+    assert select_implementation("cpu", jnp.float32, 1, 32768)[0] == "xla"  # one decoding step
+    assert select_implementation("cpu", jnp.float32, 512, 512, batch=64, heads=32)[0] == "xla"  # one tile anyway
 
 
 def test_auto_on_cpu_matches_xla():

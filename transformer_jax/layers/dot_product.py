@@ -27,12 +27,12 @@ from jax import lax
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 F32 = jnp.float32
-# `auto` uses `chunked` instead of `xla` once the f32 scores [B, H, Lq, Lk] would exceed this
-# many bytes. Measured on the 2-core CPU here (benchmarks/attention.py: 8 heads, d=64, f32,
-# fwd+bwd): at 1k (32 MiB of scores) xla is faster without a causal mask and about even with
-# one; at 2k (128 MiB) they are even in time while xla needs 8x the temp memory; at 4k chunked
-# is ~4x faster. So the switch sits between the two, at 64 MiB.
-CHUNKED_MIN_SCORE_BYTES = 64 * 2**20
+# `auto` uses `chunked` instead of `xla` once one head's [Lq, Lk] scores exceed 512 x 512.
+# Measured (benchmarks/attention.py, 2-core CPU, 8 heads, d=64, f32, fwd+bwd, ms xla/chunked):
+# L=512: 25/50 (batch 1), 347/374 (batch 8) -- a single 512-tile gains nothing; L=1024: 326/236
+# causal, 195/167 not; L=2048 causal: 895/387; L=4096: 7365/1507 with 1.5 GiB vs 62 MiB temp.
+# What matters is the length (tiles to skip, scores that fall out of cache), not batch x heads.
+CHUNKED_MIN_SCORES = 512 * 512
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 is safe everywhere
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,10 @@ def select_implementation(backend: str, dtype, lq: int, lk: int, *, batch: int =
     """The kernel `auto` runs for these inputs, and why. `dense_mask`: segment ids, a boolean
     mask or a nonzero q_offset, which cuDNN only takes as a materialised [B, 1, Lq, Lk] bias."""
     dtype = jnp.dtype(dtype)
-    score_bytes = batch * heads * lq * lk * 4
-    if score_bytes > CHUNKED_MIN_SCORE_BYTES:
-        fallback = "chunked", f"f32 scores would take {score_bytes / 2**20:.0f} MiB > {CHUNKED_MIN_SCORE_BYTES // 2**20} MiB"
+    if lq * lk > CHUNKED_MIN_SCORES:
+        fallback = "chunked", f"Lq x Lk = {lq} x {lk} > 512 x 512 scores per head"
     else:
-        fallback = "xla", f"f32 scores take only {score_bytes / 2**20:.1f} MiB"
+        fallback = "xla", f"Lq x Lk = {lq} x {lk} <= 512 x 512 scores per head"
     if backend in ("gpu", "cuda"):  # "gpu" means CUDA here; pass "rocm" for AMD GPUs
         why_not = _cudnn_unsupported(dtype, lq, lk, batch, head_dim, has_bias, dense_mask)
         if why_not is None:
@@ -101,8 +100,8 @@ def _cudnn_unsupported(dtype, lq, lk, batch, head_dim, has_bias, dense_mask):
         return f"head_dim {head_dim} is not a multiple of 8 <= {CUDNN_MAX_HEAD_DIM}"
     if (has_bias or dense_mask) and (lq % 2 or lk % 2):
         return f"cuDNN's backward with a bias needs even lengths, got {lq}/{lk}"
-    if dense_mask and batch * lq * lk * 2 > 4 * CHUNKED_MIN_SCORE_BYTES:
-        return "the mask would have to be materialised as a large [B, 1, Lq, Lk] bias"
+    if dense_mask and batch * lq * lk * 2 > 2**28:
+        return "the mask would have to be materialised as a [B, 1, Lq, Lk] bias over 256 MiB"
     return None
 
 
