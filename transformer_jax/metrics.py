@@ -60,9 +60,14 @@ class MetricsWriter:
         else:
             print(message, flush=True)
 
-    def close(self) -> None:
+    def close_progress(self) -> None:
+        """Ends the bar (before a final report printed below it)."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.close_progress()
         if self._tb is not None:
             self._tb.close()
         if self._jsonl is not None:

@@ -1,0 +1,97 @@
+"""`ExperimentConfig`: everything one run needs, typed and validated, and how to load it.
+
+An experiment file is a Python module with `get_config() -> ExperimentConfig`, whose
+docstring gives the command and the result it should reach. `--set key.path=value`
+overrides any field; an unknown key or a wrong type is a one-line `ConfigError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+from transformer_jax.checkpoint import CheckpointConfig
+from transformer_jax.config import Config, ConfigError
+from transformer_jax.data.config import DataConfig
+from transformer_jax.models.config import ModelConfig
+from transformer_jax.parallel import MeshConfig
+from transformer_jax.train import OptimizerConfig, TaskConfig
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+DEFAULT_EXPERIMENT = EXPERIMENTS_DIR / "default.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    steps: int = 1000  # the step budget (and the length of the LR schedule)
+    time_budget_s: float | None = None  # wall-clock budget for the whole run, resumes included
+    seq_len: int = 512
+    target_seq_len: int | None = None  # seq2seq targets (None: the task's default)
+    global_batch_size: int = 8
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int | None = None  # None: the whole validation split
+    log_every: int = 10
+    seed: int = 0
+    sample_tokens: int = 96  # a decoder LM prints a sample of this many tokens at the end (0: none)
+    sample_prompt: str = "def "
+
+    def validate(self) -> None:
+        for name in ("steps", "seq_len", "global_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be positive")
+        if self.seq_len < 2:
+            raise ConfigError(f"train.seq_len={self.seq_len} must be at least 2")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0: only at the end)")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"train.time_budget_s={self.time_budget_s} must be positive or none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig(Config):
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    task: TaskConfig = TaskConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    init_from: str | None = None  # a run dir or step dir to start the parameters from (fine-tuning)
+
+    def validate(self) -> None:
+        if self.data.task != self.task.task:
+            raise ConfigError(f"data.task={self.data.task!r} and task.task={self.task.task!r} disagree; set both "
+                              f"(--set data.task=X --set task.task=X)")
+        need = {"lm": "decoder", "mlm": "encoder", "classify": "encoder", "span": "encoder_decoder",
+                "seq2seq": "encoder_decoder"}[self.task.task]
+        if self.model.family != need:
+            raise ConfigError(f"task {self.task.task!r} needs model.family={need!r}, got {self.model.family!r}; "
+                              "choose another model preset")
+        if self.model.position == "learned" and self.train.seq_len > self.model.max_len:
+            raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_len={self.model.max_len}; "
+                              "raise model.max_len or lower train.seq_len")
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Imports the experiment file (default: experiments/default.py) and applies overrides."""
+    path = Path(path) if path else DEFAULT_EXPERIMENT
+    if not path.exists() and not path.suffix and (EXPERIMENTS_DIR / f"{path}.py").exists():
+        path = EXPERIMENTS_DIR / f"{path}.py"  # `--config bert_mlm` finds experiments/bert_mlm.py
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_")))
+        raise ConfigError(f"config file {str(path)!r} not found; experiments here: {known}")
+    spec = importlib.util.spec_from_file_location(f"_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # a syntax error or a bad import in the user's file: say where
+        raise ConfigError(f"config file {str(path)!r} failed to load: {type(e).__name__}: {e}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)!r} has no get_config() function")
+    cfg = module.get_config()
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(f"get_config() in {str(path)!r} must return an ExperimentConfig, got {type(cfg).__name__}")
+    return cfg.apply_overrides(list(overrides))

@@ -1,0 +1,269 @@
+"""The trainer: config -> mesh -> data -> state (fresh, resumed or `init_from`) -> steps ->
+evaluation, checkpoints, logs -> a final report.
+
+A run lives in its workdir: config.json (the effective config), tokenizer/, checkpoints/,
+metrics.jsonl, tensorboard/, loss.png, summary.json. Starting `train` on a workdir that
+holds a checkpoint resumes from its newest intact step, with the data iterator where it was,
+so the result is bit-identical to an uninterrupted run. SIGTERM/SIGINT finish the current
+step, save and exit cleanly. The wall-clock budget counts every attempt of the run.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import jax
+
+from transformer_jax import data
+from transformer_jax.checkpoint import Checkpointer, PreemptionGuard, init_from
+from transformer_jax.config import ConfigError
+from transformer_jax.experiment import ExperimentConfig
+from transformer_jax.metrics import MetricsWriter, plot_losses
+from transformer_jax.parallel import check_batch, describe_mesh, get_rules, make_mesh, maybe_initialize_distributed
+from transformer_jax.train.hardware import peak_flops_per_device
+from transformer_jax.train.step import TrainSetup, make_train_setup
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """The pieces of a run every command needs: mesh, tokenizer, effective config, setup."""
+
+    def __init__(self, cfg: ExperimentConfig, workdir: str | Path, *, writer_progress: bool = True):
+        self.workdir = Path(workdir)
+        maybe_initialize_distributed(cfg.mesh)
+        self.mesh = make_mesh(cfg.mesh)
+        check_batch(cfg.train.global_batch_size, self.mesh)
+        self.primary = jax.process_index() == 0
+        self.tokenizer = _load_or_train_tokenizer(cfg, self.workdir)
+        if cfg.model.vocab_size != self.tokenizer.vocab_size:  # the tokenizer defines the ids
+            cfg = cfg.replace(model=cfg.model.replace(vocab_size=self.tokenizer.vocab_size))
+        self.cfg = cfg
+        self.setup: TrainSetup = make_train_setup(cfg.model, cfg.optimizer, cfg.task, self.mesh,
+                                                  get_rules(cfg.mesh.preset), total_steps=cfg.train.steps,
+                                                  seed=cfg.train.seed)
+        self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint, tokenizer_dir=self.workdir / "tokenizer")
+
+    def iterator(self, split: str, *, eval: bool = False):
+        t = self.cfg.train
+        return data.make_iterator(self.cfg.data, self.tokenizer, split=split, task=self.cfg.task.task,
+                                  seq_len=t.seq_len, target_seq_len=t.target_seq_len,
+                                  global_batch_size=t.global_batch_size, seed=t.seed,
+                                  num_epochs=1 if eval else None, shuffle=False if eval else None)
+
+    def evaluate(self, state, max_batches: int | None = None) -> dict:
+        """Loss, accuracy (and bits per byte for a causal LM over the whole split) on eval_split."""
+        it = self.iterator(self.cfg.data.eval_split, eval=True)
+        totals = None
+        for i, local in enumerate(it):
+            if max_batches is not None and i >= max_batches:
+                break
+            sums = self.setup.eval_step(state, data.make_global_batch(local, self.setup.batch_sharding))
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+        it.close()
+        totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+        out = {"loss": totals["nll_sum"] / max(totals["tokens"], 1.0),
+               "accuracy": totals["correct"] / max(totals["tokens"], 1.0), "eval_tokens": totals["tokens"]}
+        if self.cfg.task.task == "lm" and max_batches is None:
+            out["bits_per_byte"] = data.bits_per_byte(totals["nll_sum"], _eval_bytes(self.cfg.data))
+        return out
+
+
+def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
+    """Trains (or resumes) `cfg` in `workdir`; returns the final summary."""
+    t0 = time.time()
+    run = Run(cfg, workdir)
+    cfg, setup, ckpt, primary = run.cfg, run.setup, run.ckpt, run.primary
+    workdir = run.workdir
+    _write_config(run)
+    writer_log = print if primary else (lambda *a, **k: None)
+    writer_log(f"transformer-jax: {cfg.name}: {setup.param_count / 1e6:.2f}M params, {describe_mesh(run.mesh)}, "
+               f"{jax.device_count()} {jax.devices()[0].platform} device(s), workdir {workdir}")
+
+    train_it = run.iterator(cfg.data.train_split)
+    restored = ckpt.restore(setup.abstract_state)
+    if restored is not None:
+        state, start = restored.state, restored.step
+        train_it.set_state(restored.data_state)
+        meta = restored.metadata or {}
+        elapsed_before, tokens_seen = float(meta.get("elapsed_s", 0.0)), int(meta.get("tokens_seen", 0))
+        writer_log(f"resumed from step {start} ({elapsed_before:.0f} s already spent)")
+    else:
+        state, start, elapsed_before, tokens_seen = setup.init_state(), 0, 0.0, 0
+        if cfg.init_from:
+            params, report = init_from(cfg.init_from, state.params)
+            state = state.replace(params=params)
+            writer_log(f"init_from {cfg.init_from}: {report.summary()}")
+    budget_end = None if cfg.train.time_budget_s is None else t0 + cfg.train.time_budget_s - elapsed_before
+    peak, peak_source = peak_flops_per_device()
+    peak *= jax.device_count()
+    writer = MetricsWriter(workdir, total_steps=cfg.train.steps, start_step=start, enabled=primary)
+    train_it.start_prefetch()
+
+    def save(step, state):
+        meta = {"elapsed_s": elapsed_before + time.time() - t0, "tokens_seen": tokens_seen}
+        ckpt.save(step, state, data_state=train_it.get_state(), config_json=cfg.to_json(), metadata=meta)
+
+    step, skipped_total, halted, stopped, last_saved = start, 0, False, None, start
+    pending, t_log, steps_since_log = [], time.time(), 0
+    flops = None
+    with PreemptionGuard() as guard:
+        while step < cfg.train.steps:
+            batch = data.make_global_batch(next(train_it), setup.batch_sharding)
+            if flops is None:
+                flops = setup.flops_per_step(batch)
+            state, metrics = setup.train_step(state, batch)
+            step += 1
+            pending.append((step, metrics))
+            steps_since_log += 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                fetched = jax.device_get([m for _, m in pending])
+                dt = time.time() - t_log
+                tokens = int(sum(m["tokens"] for m in fetched))
+                tokens_seen += tokens
+                for (s, _), m in zip(pending, fetched):
+                    if m["skipped"]:
+                        skipped_total += 1
+                        writer.print(f"step {s}: non-finite loss or gradients, update skipped "
+                                     f"({skipped_total} so far)")
+                        if m["halt"]:
+                            halted = True
+                            writer.print(f"step {s}: halting (task.on_nonfinite='halt')")
+                last = {k: float(v) for k, v in fetched[-1].items()}
+                rate = tokens / dt if dt > 0 else 0.0
+                mfu = flops * steps_since_log / dt / peak if dt > 0 else 0.0
+                writer.write(step, dict(last, tokens_per_s=rate, mfu=mfu, tokens_seen=tokens_seen,
+                                        skipped_total=skipped_total))
+                writer.progress(step, loss=last["loss"], **{"tok/s": f"{rate:,.0f}", "MFU": f"{100 * mfu:.1f}%"})
+                pending, t_log, steps_since_log = [], time.time(), 0
+                if halted:
+                    stopped = "halted on a non-finite loss"
+                    break
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                ev = run.evaluate(state, cfg.train.eval_batches)
+                writer.write(step, dict(ev, tokens_seen=tokens_seen), kind="eval")
+                writer.print(f"step {step}: eval loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}")
+                t_log = time.time()  # evaluation time is not training throughput
+            if guard.should_stop_all(step):
+                stopped = f"stopped by {guard.signal_name or 'request'}"
+            elif budget_end is not None and time.time() > budget_end:
+                stopped = f"wall-clock budget of {cfg.train.time_budget_s:.0f} s reached"
+            if stopped or step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+                save(step, state)
+                last_saved = step
+            if stopped:
+                break
+    if last_saved != step and not halted:
+        save(step, state)
+    ckpt.wait_until_finished()
+    train_it.close()
+    writer.close_progress()
+    writer.print(f"step {step}: {stopped or 'step budget reached'}; checkpoint saved")
+
+    summary = {"name": cfg.name, "step": step, "tokens_seen": tokens_seen, "params": setup.param_count,
+               "skipped_steps": skipped_total, "stopped": stopped or "steps", "peak_flops": peak,
+               "peak_source": peak_source}
+    interrupted = stopped is not None and stopped.startswith("stopped by")
+    if not interrupted and not halted:
+        summary.update(_final_report(run, state, writer, tokens_seen))
+    summary["elapsed_s"] = elapsed_before + time.time() - t0
+    writer.close()
+    if primary:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ckpt.close()
+    if halted:
+        raise SystemExit(f"transformer-jax: training halted at step {step} on a non-finite loss "
+                         f"({skipped_total} skipped steps); see {workdir / 'metrics.jsonl'}")
+    return summary
+
+
+def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int) -> dict:
+    """Whole-split evaluation, compression baselines for a causal LM, loss.png and a sample."""
+    cfg = run.cfg
+    ev = run.evaluate(state, None)
+    writer.write(int(state.step), dict(ev, tokens_seen=tokens_seen), kind="eval")
+    lines = [f"validation: loss {ev['loss']:.4f} nats/token, accuracy {ev['accuracy']:.4f}"]
+    if "bits_per_byte" in ev:
+        text = data.eval_text(cfg.data).text
+        baselines = data.compression_bits_per_byte(text)
+        ev["baselines"] = baselines
+        lines.append(f"validation bits per byte: model {ev['bits_per_byte']:.3f}   " +
+                     "   ".join(f"{k} {v:.3f}" for k, v in baselines.items()))
+    if run.primary:
+        plot = plot_losses(run.workdir)
+        if plot:
+            lines.append(f"loss curve: {plot}")
+    if cfg.model.family == "decoder" and cfg.train.sample_tokens:
+        ev["sample"] = sample_text(run, state.params, cfg.train.sample_prompt, cfg.train.sample_tokens)
+        lines.append(f"sample (temperature 0.8, top-p 0.95):\n{cfg.train.sample_prompt}{ev['sample']}")
+    for line in lines:
+        writer.print(line)
+    return {"eval": ev}
+
+
+def sample_text(run: Run, params, prompt: str, n: int, *, temperature=0.8, top_p=0.95, seed=0) -> str:
+    from transformer_jax import decode
+    tok = run.tokenizer
+    ids = [tok.bos_id] + tok.encode(prompt)
+    max_new = n
+    if run.cfg.model.position == "learned":
+        max_new = max(1, min(n, run.cfg.model.max_len - len(ids)))
+    with run.setup.context():
+        out = decode.generate(run.setup.model, params, [ids], max_new_tokens=max_new, temperature=temperature,
+                              top_p=top_p, eos_id=tok.eos_id, seed=seed)
+    return tok.decode([int(t) for t in out.tokens[0, :out.lengths[0]] if t != tok.eos_id])
+
+
+def evaluate(cfg: ExperimentConfig, workdir: str | Path) -> dict:
+    """Evaluates the newest intact checkpoint of `workdir` on the whole validation split."""
+    run = Run(cfg, workdir)
+    restored = run.ckpt.restore(run.setup.abstract_state, restore_data_state=False)
+    if restored is None:
+        raise ConfigError(f"no checkpoint in {run.workdir / 'checkpoints'}; train first")
+    ev = run.evaluate(restored.state, None)
+    line = f"step {restored.step}: validation loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}"
+    if "bits_per_byte" in ev:
+        line += f", bits per byte {ev['bits_per_byte']:.3f}"
+    if run.primary:
+        print(line)
+    run.ckpt.close()
+    return dict(ev, step=restored.step)
+
+
+def _load_or_train_tokenizer(cfg: ExperimentConfig, workdir: Path):
+    """The run's own tokenizer if it has one (resume), else the data cache's (trained once)."""
+    saved = workdir / "tokenizer"
+    if (saved / "tokenizer_meta.json").exists():
+        return data.Tokenizer.load(str(saved))
+    tok = data.get_tokenizer(cfg.data)
+    if jax.process_index() == 0:
+        tmp = workdir / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tok.save(str(tmp))
+        tmp.rename(saved)
+    return tok
+
+
+def _write_config(run: Run) -> None:
+    if run.primary:
+        path = run.workdir / "config.json"
+        old = path.read_text() if path.exists() else None
+        new = run.cfg.to_json()
+        if old is not None and old != new:
+            log.warning("config differs from the one this workdir was started with; the new one is used")
+        path.write_text(new)
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_bytes_cached(data_json: str) -> int:
+    return data.eval_text(data.DataConfig.from_json(data_json)).num_bytes
+
+
+def _eval_bytes(data_cfg) -> int:
+    return _eval_bytes_cached(data_cfg.to_json())
+
