@@ -66,37 +66,54 @@ class Config:
                 raise ConfigError(f"unknown key {k!r} for {type(self).__name__}; valid keys: {', '.join(names)}")
         return dataclasses.replace(self, **changes)
 
-    def override(self: C, key: str, value: Any) -> C:
+    def override(self: C, key: str, value: Any, *, _prefix: str = "") -> C:
         """Returns a copy with the dotted `key` set. A string `value` is parsed to the
         field's type ("true", "3", "1e-3", "none", JSON lists), as `--set key=value` gives."""
         head, _, rest = key.partition(".")
+        full = _prefix + key
         names = [f.name for f in dataclasses.fields(self)]
         if head not in names:
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(names)}")
+            raise ConfigError(f"unknown key {full!r}; valid keys: {', '.join(names)}")
         current, hint = getattr(self, head), _hints(type(self))[head]
         if rest:
             if not isinstance(current, Config):
-                raise ConfigError(f"{head!r} is {_type_name(type(current))}, it has no key {rest!r}")
-            try:
-                return dataclasses.replace(self, **{head: current.override(rest, value)})
-            except ConfigError as e:
-                raise ConfigError(str(e).replace("unknown key '", f"unknown key '{head}.", 1)) from None
+                raise ConfigError(f"{_prefix + head!r} is {_type_name(type(current))}, it has no key {rest!r}")
+            return dataclasses.replace(self, **{head: current.override(rest, value, _prefix=f"{_prefix}{head}.")})
         if isinstance(value, str):
-            value = _parse_string(hint, value, key)
-        return dataclasses.replace(self, **{head: _from_plain(hint, value, key)})
+            value = _parse_string(hint, value, full)
+        return dataclasses.replace(self, **{head: _from_plain(hint, value, full)})
 
     def apply_overrides(self: C, overrides: list[str]) -> C:
-        """Applies `["a.b=1", "c=x"]` in order."""
-        cfg = self
+        """Applies `["a.b=1", "c=x"]` in order, then validates once (so settings that must
+        agree, like data.task and task.task, can be changed together)."""
+        plain = self.to_dict()
         for item in overrides:
             key, eq, value = item.partition("=")
-            if not eq or not key:
+            if not eq or not key.strip():
                 raise ConfigError(f"override {item!r} must look like key.path=value")
-            cfg = cfg.override(key.strip(), value.strip())
-        return cfg
+            _set_plain(type(self), plain, key.strip().split("."), value.strip(), "")
+        return type(self).from_dict(plain)
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+def _set_plain(cls, plain: dict, parts: list[str], text: str, prefix: str) -> None:
+    """Sets plain[parts...] from the `--set` string `text`, parsed by the field's type."""
+    head, rest = parts[0], parts[1:]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if head not in names:
+        raise ConfigError(f"unknown key {prefix + '.'.join(parts)!r}; valid keys: {', '.join(names)}")
+    _, inner = _is_optional(_hints(cls)[head])
+    if not rest:
+        value = _parse_string(_hints(cls)[head], text, prefix + head)
+        plain[head] = _to_plain(value) if not isinstance(value, tuple) else list(value)
+        return
+    if not (isinstance(inner, type) and issubclass(inner, Config)):
+        raise ConfigError(f"{prefix + head!r} is {_type_name(inner)}, it has no key {'.'.join(rest)!r}")
+    if plain.get(head) is None:
+        plain[head] = inner().to_dict()
+    _set_plain(inner, plain[head], rest, text, f"{prefix}{head}.")
+
 
 def _join(where: str, k: str) -> str:
     return f"{where}.{k}" if where else k

@@ -29,7 +29,7 @@ class TrainConfig(Config):
     target_seq_len: int | None = None  # seq2seq targets (None: the task's default)
     global_batch_size: int = 8
     eval_every: int = 200  # 0: only at the end
-    eval_batches: int | None = None  # None: the whole validation split
+    eval_batches: int | None = None  # None: the whole validation split (needed for bits per byte)
     log_every: int = 10
     seed: int = 0
     sample_tokens: int = 96  # a decoder LM prints a sample of this many tokens at the end (0: none)

@@ -182,9 +182,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
 
 
 def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int) -> dict:
-    """Whole-split evaluation, compression baselines for a causal LM, loss.png and a sample."""
+    """Evaluation (the whole split unless train.eval_batches caps it), compression baselines
+    for a causal LM, loss.png and a sample."""
     cfg = run.cfg
-    ev = run.evaluate(state, None)
+    ev = run.evaluate(state, cfg.train.eval_batches)
     writer.write(int(state.step), dict(ev, tokens_seen=tokens_seen), kind="eval")
     lines = [f"validation: loss {ev['loss']:.4f} nats/token, accuracy {ev['accuracy']:.4f}"]
     if "bits_per_byte" in ev:
@@ -219,12 +220,12 @@ def sample_text(run: Run, params, prompt: str, n: int, *, temperature=0.8, top_p
 
 
 def evaluate(cfg: ExperimentConfig, workdir: str | Path) -> dict:
-    """Evaluates the newest intact checkpoint of `workdir` on the whole validation split."""
+    """Evaluates the newest intact checkpoint of `workdir` on the validation split (train.eval_batches caps it)."""
     run = Run(cfg, workdir)
     restored = run.ckpt.restore(run.setup.abstract_state, restore_data_state=False)
     if restored is None:
         raise ConfigError(f"no checkpoint in {run.workdir / 'checkpoints'}; train first")
-    ev = run.evaluate(restored.state, None)
+    ev = run.evaluate(restored.state, cfg.train.eval_batches)
     line = f"step {restored.step}: validation loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}"
     if "bits_per_byte" in ev:
         line += f", bits per byte {ev['bits_per_byte']:.3f}"
