@@ -1,0 +1,178 @@
+"""The device mesh from config, on one host or many.
+
+    cfg = MeshConfig(data=-1, fsdp=1, tensor=1, preset="fsdp_tp")
+    maybe_initialize_distributed(cfg)   # jax.distributed on a TPU pod, a SLURM job, or explicit settings
+    mesh = make_mesh(cfg)               # axes (data, fsdp, tensor); -1 fills with the remaining devices
+    rules = get_rules(cfg.preset)
+
+Device order keeps `tensor` (the innermost, most talkative axis) inside a host: on CPU/GPU
+jax orders devices process by process, and with several processes (or TPU slices) the
+mesh is built as a hybrid mesh whose outer (`data` first, then `fsdp`) axes cross hosts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Literal
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from transformer_jax.config import Config, ConfigError
+from transformer_jax.parallel.rules import PRESETS
+
+AXES = ("data", "fsdp", "tensor")
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Config):
+    data: int = -1  # -1: all devices left after the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    preset: str = "fsdp_tp"  # logical-axis rules (parallel/rules.py); fsdp_tp uses every axis given a size > 1
+    # Multi-host. "auto": initialise jax.distributed when coordinator_address is set or the
+    # environment is a multi-host TPU or a SLURM job of several tasks; "off": never.
+    distributed: Literal["auto", "off"] = "auto"
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def validate(self) -> None:
+        sizes = self.sizes
+        for name, size in zip(AXES, sizes):
+            if size == 0 or size < -1:
+                raise ConfigError(f"mesh.{name}={size} must be a positive size or -1 (fill with the remaining devices)")
+        if sum(s == -1 for s in sizes) > 1:
+            raise ConfigError(f"mesh {_describe(sizes)}: at most one axis may be -1")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"mesh.preset={self.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        used = {axis for _, axes in PRESETS[self.preset] for axis in ((axes,) if isinstance(axes, str) else axes or ())}
+        for name, size in zip(AXES, sizes):
+            if size > 1 and name not in used:
+                raise ConfigError(f"mesh.{name}={size} is unused by preset {self.preset!r}; set mesh.{name}=1 or a "
+                                  f"preset that shards it ({', '.join(p for p in PRESETS if _uses(p, name))})")
+        explicit = (self.coordinator_address, self.num_processes, self.process_id)
+        if any(x is not None for x in explicit) and not all(x is not None for x in explicit):
+            raise ConfigError("mesh.coordinator_address, mesh.num_processes and mesh.process_id go together; "
+                              "set all three or none (none: auto-detect TPU/SLURM)")
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+def _uses(preset: str, axis: str) -> bool:
+    return any(axis == a or (isinstance(a, tuple) and axis in a) for _, a in PRESETS[preset])
+
+
+def _describe(sizes) -> str:
+    return " x ".join(f"{n}={s}" for n, s in zip(AXES, sizes))
+
+
+def resolve_sizes(sizes: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
+    """Fills a -1 with the remaining devices; one-line errors when the product does not fit."""
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ConfigError(f"mesh {_describe(sizes)}: {num_devices} devices are not divisible by {known}; "
+                              "change the fixed mesh sizes")
+        sizes = tuple(num_devices // known if s == -1 else s for s in sizes)
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(f"mesh {_describe(sizes)} needs {math.prod(sizes)} devices, found {num_devices}; "
+                          f"choose sizes whose product is {num_devices} (or -1 to fill)")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, tensor), Auto axis types (flax's logical constraints need them)."""
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = resolve_sizes(cfg.sizes, len(devices))
+    granules = _granules(devices)
+    if len(granules) > 1:
+        dcn = _split_outer(sizes, len(granules))
+        if dcn is None:
+            raise ConfigError(f"mesh {_describe(sizes)} cannot be split over {len(granules)} hosts/slices of "
+                              f"{len(devices) // len(granules)} devices; make data*fsdp a multiple of the host count")
+        ici = tuple(s // d for s, d in zip(sizes, dcn))
+        from jax.experimental import mesh_utils
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=devices[0].platform != "tpu")
+        return Mesh(arr, AXES, axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _granules(devices) -> list:
+    """Groups of devices joined by fast links: TPU slices, else processes (GPU nodes, CPU hosts)."""
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if devices[0].platform == "tpu":
+        return sorted(slices)
+    return sorted({d.process_index for d in devices})
+
+
+def _split_outer(sizes, n: int) -> tuple[int, ...] | None:
+    """How many hosts each axis spans: `data` first, then `fsdp`, then `tensor`."""
+    dcn = []
+    for s in sizes:
+        g = math.gcd(s, n)
+        dcn.append(g)
+        n //= g
+    return tuple(dcn) if n == 1 else None
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+    """The batch axis is split over data*fsdp: the global batch must divide it."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if global_batch % n:
+        raise ConfigError(f"global batch {global_batch} is not divisible by data*fsdp={n}; "
+                          f"use a multiple of {n} or change the mesh")
+
+
+# -- multi-host -------------------------------------------------------------------------
+
+def _distributed_env() -> str | None:
+    """Which cluster environment this process runs in, if it spans several hosts."""
+    if int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1) > 1 and "SLURM_JOB_ID" in os.environ:
+        return "slurm"
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
+        return "tpu"
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        return "env"
+    return None
+
+
+def _already_initialized() -> bool:
+    from jax._src import distributed
+    return distributed.global_state.client is not None
+
+
+def maybe_initialize_distributed(cfg: MeshConfig) -> bool:
+    """Calls `jax.distributed.initialize` when the config or the environment asks for it.
+
+    Must run before anything touches devices. Returns True when this process is part of a
+    multi-process job (initialised here or before)."""
+    if _already_initialized():
+        return True
+    if cfg.distributed == "off":
+        return False
+    if cfg.coordinator_address is not None:
+        log.info("jax.distributed.initialize(%s, %d, %d)", cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+        return True
+    env = _distributed_env()
+    if env is None:
+        return False
+    log.info("jax.distributed.initialize() for a %s job", env)
+    jax.distributed.initialize()  # jax reads the cluster from the environment
+    return True
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    """'data=2 x fsdp=2 x tensor=2 over 8 cpu devices, 1 process'."""
+    n = np.prod(list(mesh.shape.values()))
+    procs = len({d.process_index for d in mesh.devices.flat})
+    return (f"{_describe([mesh.shape[a] for a in AXES])} over {n} {mesh.devices.flat[0].platform} devices, "
+            f"{procs} process{'es' if procs > 1 else ''}")

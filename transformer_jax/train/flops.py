@@ -1,0 +1,64 @@
+"""Model FLOPs of one training step, for MFU.
+
+Convention (that of the DESIGN.md bench table, PaLM appendix B without causal halving):
+
+    train FLOPs = 3 x forward FLOPs  (backward = 2 x forward)
+    forward     = 2 x (matmul parameters each token passes through)      -> 6 * N * T overall
+                + 4 x (query tokens) x (keys they see) x heads x head_dim -> full-square attention
+
+N counts every matmul weight a token meets, the (tied or untied) unembedding included and
+the embedding lookups excluded; T counts every position of the batch, padding included
+(the hardware computes it). The attention term counts the whole L x L square even for
+causal masks. Norms, softmax, activations and the optimizer are not counted. Remat's
+recomputation is not counted either (it is hardware FLOPs, not model FLOPs).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from transformer_jax.models.config import ModelConfig
+
+
+def attention_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(query+output, key+value) projection weights of one attention block."""
+    hd = cfg.dim_per_head
+    return 2 * cfg.d_model * cfg.num_heads * hd, 2 * cfg.d_model * cfg.kv_heads * hd
+
+
+def mlp_params(cfg: ModelConfig) -> int:
+    return cfg.d_model * cfg.d_ff * (3 if cfg.activation in ("swiglu", "geglu") else 2)
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
+
+
+def train_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> float:
+    """Training FLOPs of one step on `batch` (arrays, ShapeDtypeStructs or shape tuples
+    under the data pipeline's keys: inputs [B, L], decoder_inputs [B, T] for span/seq2seq)."""
+    b, l = _shape(batch["inputs"])
+    d, v, hd, h = cfg.d_model, cfg.vocab_size, cfg.dim_per_head, cfg.num_heads
+    qo, kv = attention_params(cfg)
+    layer = qo + kv + mlp_params(cfg)
+
+    def scores(queries: int, keys: int) -> int:  # forward MACs of QK^T and AV, one layer
+        return 2 * queries * keys * h * hd
+
+    if task in ("span", "seq2seq"):
+        t = _shape(batch["decoder_inputs"])[1]
+        macs = cfg.num_layers * (b * l * layer + b * scores(l, l))  # encoder
+        # decoder: self-attention + MLP and cross-attention q/o on targets, cross k/v on the inputs
+        macs += cfg.decoder_layers * (b * t * (layer + qo) + b * l * kv + b * (scores(t, t) + scores(t, l)))
+        macs += b * t * d * v  # unembedding
+        return 6.0 * macs
+    if task not in ("lm", "mlm", "classify"):
+        raise ValueError(f"task={task!r} is unknown; choose lm, mlm, span, seq2seq or classify")
+    macs = b * l * cfg.num_layers * layer + b * cfg.num_layers * scores(l, l)
+    if task == "lm":
+        macs += b * l * d * v
+    elif task == "mlm":
+        macs += b * l * (d * d + d * v)  # transform + unembedding, every position
+    else:
+        macs += b * (d * d + d * cfg.num_classes)  # pooler + classifier, first token
+    return 6.0 * macs
+
