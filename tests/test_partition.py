@@ -26,7 +26,9 @@ def mesh_of(shape):
     return jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# gpt2/bert/t5 are covered more strongly by tests/test_step.py (train steps on every preset);
+# llama (GQA, RoPE, SwiGLU) is not, so it stays in the default run.
+@pytest.mark.parametrize("name", [n if n == "llama-tiny" else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
 def test_sharded_forward_equals_one_device(name):
     cfg = get_config(name, **MODELS[name])
     model = build_model(cfg)
@@ -70,7 +72,7 @@ def test_parameters_are_split_as_the_rules_say(preset):
 def test_indivisible_dimension_is_a_one_line_error():
     cfg = get_config("gpt2-tiny")  # 4 heads
     model = build_model(cfg)
-    with pytest.raises(ValueError, match=r"^num_kv_heads=4 is not divisible by tensor=8 \(parameter .*key.*change the model or the mesh$"):
+    with pytest.raises(ValueError, match=r"^num_heads=4 is not divisible by tensor=8 \(parameter .*self_attention.*\); change the model or the mesh$"):
         init_sharded(model.init, mesh_of((1, 1, 8)), get_rules("tp"), jax.random.key(0), jnp.ones((8, 4), jnp.int32))
 
 

@@ -25,7 +25,12 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
 
 
 def check_divisible(abstract_tree: Any, mesh: Mesh, rules: Rules) -> None:
-    """Raises a one-line ValueError when a sharded dimension does not divide its mesh axes."""
+    """Raises a one-line ValueError when a sharded dimension does not divide its mesh axes.
+
+    With several, it names the one a user most likely set (num_heads before num_kv_heads,
+    which defaults to it, then d_ff, d_model, vocab_size)."""
+    bad = []
+
     def visit(path, leaf):
         if not isinstance(leaf, nn.LogicallyPartitioned):
             return
@@ -38,9 +43,15 @@ def check_divisible(abstract_tree: Any, mesh: Mesh, rules: Rules) -> None:
             if dim % size:
                 where = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
                 setting = AXIS_SETTINGS.get(name, name)
-                raise ValueError(f"{setting}={dim} is not divisible by {where} (parameter "
-                                 f"{jax.tree_util.keystr(path)}); change the model or the mesh")
+                bad.append((_PRIORITY.index(name) if name in _PRIORITY else len(_PRIORITY), len(bad),
+                            f"{setting}={dim} is not divisible by {where} (parameter "
+                            f"{jax.tree_util.keystr(path)}); change the model or the mesh"))
     jax.tree_util.tree_map_with_path(visit, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    if bad:
+        raise ValueError(min(bad)[2])
+
+
+_PRIORITY = ("heads", "kv_heads", "mlp", "embed", "vocab", "head_dim")
 
 
 def init_sharded(init_fn: Callable, mesh: Mesh, rules: Rules, *args) -> Any:

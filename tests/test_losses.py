@@ -1,0 +1,112 @@
+"""Losses: cross-entropy sums against a numpy reference, padding never counts, z-loss and
+label smoothing as defined, and every task consumes the data pipeline's batches."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from transformer_jax.config import ConfigError
+from transformer_jax.models import build_model, get_config
+from transformer_jax.train import TaskConfig, cross_entropy_sums, forward, synthetic_batch
+from transformer_jax.train.losses import init_inputs, model_inputs
+
+_sums = jax.jit(cross_entropy_sums, static_argnames=("z_loss", "label_smoothing"))
+
+
+def _reference(logits, targets, weights, z, s):
+    logits = logits.astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    loss = (1 - s) * nll + s * (lse - logits.mean(-1)) + z * lse ** 2
+    correct = logits.argmax(-1) == targets
+    return dict(loss=(loss * weights).sum(), nll=(nll * weights).sum(), correct=(correct * weights).sum(),
+                tokens=weights.sum(), z_loss=(z * lse ** 2 * weights).sum())
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), z=st.sampled_from([0.0, 1e-4, 0.1]), s=st.sampled_from([0.0, 0.1]))
+def test_sums_match_a_numpy_reference(seed, z, s):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 3, (4, 6, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, (4, 6)).astype(np.int32)
+    weights = (rng.random((4, 6)) < 0.6).astype(np.float32)
+    got = jax.device_get(_sums(logits, targets, weights, z_loss=z, label_smoothing=s))
+    want = _reference(logits, targets, weights, z, s)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-4, err_msg=k)
+
+
+def test_label_smoothing_is_optax_cross_entropy_on_smoothed_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (3, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, (3, 5)).astype(np.int32)
+    w = np.ones((3, 5), np.float32)
+    got = _sums(logits, targets, w, z_loss=0.0, label_smoothing=0.1)["loss"]
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, 7), 0.1)
+    np.testing.assert_allclose(got, optax.softmax_cross_entropy(logits, labels).sum(), rtol=1e-5)
+
+
+def test_padding_neither_counts_nor_gets_gradient():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 1, (2, 8, 13)).astype(np.float32)
+    targets = rng.integers(0, 13, (2, 8)).astype(np.int32)
+    w = np.ones((2, 8), np.float32)
+    w[1, 5:] = 0.0  # padding
+    grad = jax.jit(jax.grad(lambda x: cross_entropy_sums(x, targets, w, z_loss=1e-4, label_smoothing=0.1)["loss"]))
+    g = np.asarray(grad(logits))
+    assert np.all(g[1, 5:] == 0.0) and np.all(np.abs(g[0]).sum(-1) > 0)
+    scrambled = logits.copy()
+    scrambled[1, 5:] = 1e4  # whatever sits under padding
+    a, b = _sums(logits, targets, w, z_loss=1e-4, label_smoothing=0.0), _sums(scrambled, targets, w, z_loss=1e-4,
+                                                                              label_smoothing=0.0)
+    assert all(float(a[k]) == float(b[k]) for k in a) and float(a["tokens"]) == 13.0
+
+
+# -- every task, on batches the data pipeline's own tasks build ---------------------------
+
+TASKS = [("lm", "gpt2-tiny"), ("mlm", "bert-tiny"), ("span", "t5-tiny"), ("seq2seq", "transformer-tiny"),
+         ("classify", "bert-tiny")]
+
+
+@pytest.mark.parametrize("task,name", TASKS)
+def test_forward_consumes_pipeline_batches(task, name):
+    cfg = get_config(name, num_classes=3)
+    model = build_model(cfg)
+    batch = synthetic_batch(task, 4, 16, cfg.vocab_size, num_classes=3, fill=0.8)
+    args, kw = model_inputs(init_inputs(task, 4, 16), task)
+    params = jax.jit(lambda: model.init(jax.random.key(0), *args, **kw))()["params"]
+
+    @jax.jit
+    def run(params, batch):
+        logits, targets, weights = forward(model, params, batch, task)
+        return logits, cross_entropy_sums(logits, targets, weights)
+
+    logits, sums = jax.device_get(run(params, batch))
+    targets = batch["label"] if task == "classify" else batch["targets"]
+    assert logits.shape == targets.shape + ((3,) if task == "classify" else (cfg.vocab_size,))
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    assert sums["tokens"] == batch["weights"].sum() > 0
+    want = _reference(logits, targets, batch["weights"], 0.0, 0.0)
+    np.testing.assert_allclose(sums["nll"], want["nll"], rtol=1e-5)
+    if task != "classify":  # untrained token predictions are near uniform
+        assert sums["nll"] / sums["tokens"] == pytest.approx(np.log(logits.shape[-1]), rel=0.3)
+
+
+def test_task_and_model_must_match():
+    TaskConfig(task="span").check_model("encoder_decoder")
+    with pytest.raises(ConfigError, match=r"^task='lm' needs a model of family 'decoder', got 'encoder'; "
+                                          r"change task.task or the model$"):
+        TaskConfig(task="lm").check_model("encoder")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(z_loss=-1.0), r"^task.z_loss=-1.0 must be >= 0$"),
+    (dict(label_smoothing=1.0), r"^task.label_smoothing=1.0 must be in \[0, 1\)$"),
+    (dict(task="clm"), r"^TaskConfig.task='clm' is not one of 'lm', 'mlm', 'span', 'seq2seq', 'classify'$"),
+    (dict(on_nonfinite="ignore"), r"^TaskConfig.on_nonfinite='ignore' is not one of 'skip', 'halt'$"),
+])
+def test_config_errors_are_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        TaskConfig(**kwargs)

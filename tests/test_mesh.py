@@ -1,0 +1,107 @@
+"""Meshes from config: sizes, -1 fill, device order, one-line errors, multi-host detection."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from transformer_jax.config import ConfigError
+from transformer_jax.models import get_config
+from transformer_jax.parallel import mesh as mesh_lib
+from transformer_jax.parallel.mesh import MeshConfig, check_batch, describe_mesh, make_mesh, resolve_sizes
+from transformer_jax.parallel.rules import get_rules
+from transformer_jax.train import OptimizerConfig, TaskConfig, make_train_setup
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    (MeshConfig(), (8, 1, 1)),
+    (MeshConfig(data=-1, fsdp=2, tensor=2), (2, 2, 2)),
+    (MeshConfig(data=1, fsdp=-1, tensor=2), (1, 4, 2)),
+    (MeshConfig(data=2, fsdp=1, tensor=-1), (2, 1, 4)),
+    (MeshConfig(data=4, fsdp=1, tensor=2, preset="dp_tp"), (4, 1, 2)),
+])
+def test_sizes_and_fill(cfg, shape):
+    mesh = make_mesh(cfg)
+    assert tuple(mesh.shape.values()) == shape and mesh.axis_names == ("data", "fsdp", "tensor")
+    assert mesh.axis_types == (AxisType.Auto,) * 3  # flax's logical constraints need Auto axes
+
+
+def test_tensor_is_the_innermost_axis():
+    """Neighbouring devices (one host, one slice) share a tensor group."""
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    np.testing.assert_array_equal(ids.reshape(2, 4), [[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert describe_mesh(mesh) == "data=2 x fsdp=1 x tensor=4 over 8 cpu devices, 1 process"
+
+
+def test_hosts_are_split_over_the_outer_axes():
+    assert mesh_lib._split_outer((8, 1, 1), 2) == (2, 1, 1)
+    assert mesh_lib._split_outer((2, 2, 2), 4) == (2, 2, 1)
+    assert mesh_lib._split_outer((1, 4, 2), 2) == (1, 2, 1)
+    assert mesh_lib._split_outer((1, 1, 8), 2) == (1, 1, 2)  # only tensor is left: it must cross hosts
+    assert mesh_lib._split_outer((3, 1, 1), 2) is None
+
+
+@pytest.mark.parametrize("sizes,devices,message", [
+    ((4, 1, 4), 8, r"^mesh data=4 x fsdp=1 x tensor=4 needs 16 devices, found 8; choose sizes whose product is 8 "
+                   r"\(or -1 to fill\)$"),
+    ((-1, 3, 1), 8, r"^mesh data=-1 x fsdp=3 x tensor=1: 8 devices are not divisible by 3; change the fixed mesh "
+                    r"sizes$"),
+    ((2, 2, 1), 8, r"^mesh data=2 x fsdp=2 x tensor=1 needs 4 devices, found 8"),
+])
+def test_size_errors_are_one_line(sizes, devices, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_sizes(sizes, devices)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(data=0), r"^mesh.data=0 must be a positive size or -1"),
+    (dict(data=-1, fsdp=-1), r"^mesh data=-1 x fsdp=-1 x tensor=1: at most one axis may be -1$"),
+    (dict(preset="zero3"), r"^mesh.preset='zero3' is unknown; choose one of dp, fsdp, tp, dp_tp, fsdp_tp$"),
+    (dict(tensor=2, preset="dp"), r"^mesh.tensor=2 is unused by preset 'dp'; set mesh.tensor=1 or a preset that "
+                                  r"shards it \(tp, dp_tp, fsdp_tp\)$"),
+    (dict(coordinator_address="10.0.0.1:1234"), r"^mesh.coordinator_address, mesh.num_processes and "
+                                                r"mesh.process_id go together"),
+])
+def test_config_errors_are_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MeshConfig(**kwargs)
+
+
+def test_config_from_overrides():
+    cfg = MeshConfig().apply_overrides(["fsdp=2", "tensor=2", "preset=fsdp_tp"])
+    assert cfg.sizes == (-1, 2, 2)
+    with pytest.raises(ConfigError, match="mesh.tensor=3 must be an integer|must be an integer"):
+        MeshConfig().override("tensor", "three")
+
+
+def test_global_batch_and_heads_must_divide_the_mesh():
+    mesh = make_mesh(MeshConfig(data=4, fsdp=2, tensor=1))
+    with pytest.raises(ConfigError, match=r"^global batch 12 is not divisible by data\*fsdp=8; use a multiple of 8 "
+                                          r"or change the mesh$"):
+        check_batch(12, mesh)
+    check_batch(16, mesh)
+    cfg = get_config("gpt2-tiny", d_model=96, num_heads=12)
+    with pytest.raises(ValueError, match=r"^num_heads=12 is not divisible by tensor=8 \(parameter .*\); "
+                                         r"change the model or the mesh$"):
+        make_train_setup(cfg, OptimizerConfig(), TaskConfig(), make_mesh(MeshConfig(data=1, tensor=8)),
+                         get_rules("fsdp_tp"), total_steps=10)
+
+
+def test_distributed_environment_detection(monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    assert mesh_lib._distributed_env() is None
+    assert mesh_lib.maybe_initialize_distributed(MeshConfig()) is False  # one process: nothing to do
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert mesh_lib._distributed_env() is None  # a one-task SLURM job is a single process
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert mesh_lib._distributed_env() == "slurm"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-0,t1k-1")
+    assert mesh_lib._distributed_env() == "tpu"
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    assert mesh_lib._distributed_env() is None  # a single-host TPU VM
+    assert mesh_lib.maybe_initialize_distributed(MeshConfig(distributed="off")) is False
+    assert jax.process_count() == 1

@@ -1,0 +1,133 @@
+"""AdamW from config: schedules, the weight-decay mask, equality with optax.adamw, clipping."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from transformer_jax.config import ConfigError
+from transformer_jax.models import build_model, get_config
+from transformer_jax.train import OptimizerConfig, decay_mask, make_optimizer, make_schedule
+
+
+def test_schedules_at_their_landmarks():
+    base = dict(learning_rate=1e-3, warmup_steps=10, end_ratio=0.1)
+    cos = jax.jit(jax.vmap(make_schedule(OptimizerConfig(schedule="cosine", **base), 110)))
+    lin = jax.jit(jax.vmap(make_schedule(OptimizerConfig(schedule="linear", **base), 110)))
+    const = jax.jit(jax.vmap(make_schedule(OptimizerConfig(schedule="constant", **base), 110)))
+    steps = jnp.array([0, 4, 9, 10, 60, 110, 500])
+    np.testing.assert_allclose(cos(steps), [1e-4, 5e-4, 1e-3, 1e-3, 0.55e-3, 1e-4, 1e-4], rtol=1e-5)
+    np.testing.assert_allclose(lin(steps), [1e-4, 5e-4, 1e-3, 1e-3, 0.55e-3, 1e-4, 1e-4], rtol=1e-5)
+    np.testing.assert_allclose(const(steps), [1e-4, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-5)
+    no_warmup = make_schedule(OptimizerConfig(learning_rate=1e-3, warmup_steps=0, schedule="cosine"), 100)
+    assert float(no_warmup(0)) == pytest.approx(1e-3)  # the first step already trains
+
+
+@functools.cache
+def _schedule(kind, warmup, total):
+    return jax.jit(jax.vmap(make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=warmup, schedule=kind,
+                                                          end_ratio=0.1), total)))
+
+
+@settings(max_examples=15, deadline=None)
+@given(kind=st.sampled_from(["cosine", "linear", "constant"]), warmup=st.sampled_from([0, 1, 7, 50]),
+       total=st.sampled_from([1, 60, 400]))
+def test_schedule_rises_then_never_rises_and_stays_in_range(kind, warmup, total):
+    steps = jnp.arange(0, total + 20)
+    lr = np.asarray(_schedule(kind, warmup, total)(steps))
+    assert np.all(lr > 0) and np.all(lr <= 1.0 + 1e-6)
+    peak = int(np.argmax(lr))
+    assert np.all(np.diff(lr[:peak + 1]) >= 0) and np.all(np.diff(lr[peak:]) <= 1e-7)
+    if kind != "constant" and total > warmup:
+        np.testing.assert_allclose(lr[total:], 0.1, rtol=1e-5)  # end_ratio from total_steps on
+
+
+def _params(name):
+    cfg = get_config(name)
+    model = build_model(cfg)
+    args = (jnp.ones((1, 4), jnp.int32),) * (2 if cfg.family == "encoder_decoder" else 1)
+    kw = {"head": "mlm"} if cfg.family == "encoder" else {}
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kw))["params"]
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny"])
+def test_decay_mask_takes_kernels_only_by_default(name):
+    flat = jax.tree_util.tree_flatten_with_path(decay_mask(_params(name), ("norm", "bias", "embedding")))[0]
+    decayed = {jax.tree_util.keystr(p) for p, m in flat if m}
+    kept = {jax.tree_util.keystr(p) for p, m in flat if not m}
+    assert decayed and all(p.endswith("['kernel']") for p in decayed)
+    assert all(not p.endswith("['kernel']") for p in kept)
+    assert any("embedding" in p for p in kept) and any(p.endswith("['scale']") for p in kept)
+    everything = decay_mask(_params(name), ())
+    assert all(jax.tree.leaves(everything))
+    only_norms = {jax.tree_util.keystr(p) for p, m in jax.tree_util.tree_flatten_with_path(
+        decay_mask(_params(name), ("norm",)))[0] if not m}
+    assert only_norms and all(p.endswith("['scale']") for p in only_norms)
+
+
+def test_equals_optax_adamw_with_clipping_and_mask():
+    cfg = OptimizerConfig(learning_rate=3e-3, warmup_steps=0, schedule="constant", b1=0.8, b2=0.9, eps=1e-6,
+                          weight_decay=0.3, clip_norm=0.5)
+    params = {"dense": {"kernel": jnp.linspace(-1, 1, 12).reshape(3, 4), "bias": jnp.ones(4)},
+              "norm": {"scale": jnp.full(4, 2.0)}}
+    mask = decay_mask(params, cfg.decay_exclude)
+    ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(3e-3, b1=0.8, b2=0.9, eps=1e-6, weight_decay=0.3,
+                                                                  mask=mask))
+    tx, lr = make_optimizer(cfg), make_schedule(cfg, 10)
+
+    @jax.jit
+    def both(p, q, s, r, g, step):
+        d, s = tx.update(g, s, p)
+        u, r = ref.update(g, r, q)
+        return jax.tree.map(lambda x, y: x - lr(step) * y, p, d), optax.apply_updates(q, u), s, r
+
+    p = q = params
+    s, r = tx.init(p), ref.init(q)
+    for step in range(4):
+        g = jax.tree.map(lambda x: jnp.sin(x * (step + 1)) * 3.0, p)  # norm ~4: clipped to 0.5
+        p, q, s, r = both(p, q, s, r, g, step)
+    chex.assert_trees_all_close(p, q, rtol=1e-6, atol=1e-7)
+    assert float(p["norm"]["scale"][0]) != 2.0
+
+
+def test_clipping_rescales_gradients_before_adam():
+    tx = make_optimizer(OptimizerConfig(b1=0.0, b2=0.5, eps=1e-12, weight_decay=0.0, clip_norm=1.0))
+    g1, g2 = {"w": jnp.array([3.0, 4.0])}, {"w": jnp.array([0.3, -0.4])}  # norms 5 (clipped to 1) and 0.5
+
+    @jax.jit
+    def two_steps(g1, g2):
+        s = tx.init(g1)
+        _, s = tx.update(g1, s, g1)
+        return tx.update(g2, s, g2)[0]["w"]
+
+    c1, c2 = np.array([0.6, 0.8]), np.array([0.3, -0.4])
+    nu = (0.5 * 0.5 * c1 ** 2 + 0.5 * c2 ** 2) / (1 - 0.5 ** 2)  # Adam's bias-corrected second moment
+    np.testing.assert_allclose(two_steps(g1, g2), c2 / np.sqrt(nu), rtol=1e-5)
+    unclipped = (0.5 * 0.5 * np.array([3.0, 4.0]) ** 2 + 0.5 * c2 ** 2) / 0.75
+    assert not np.allclose(c2 / np.sqrt(nu), c2 / np.sqrt(unclipped), rtol=1e-2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(learning_rate=-1.0), r"^optim.learning_rate=-1.0 must be >= 0$"),
+    (dict(b2=1.0), r"^optim.b2=1.0 must be in \[0, 1\)$"),
+    (dict(end_ratio=2.0), r"^optim.end_ratio=2.0 must be in \[0, 1\]$"),
+    (dict(decay_exclude=("norms",)), r"^optim.decay_exclude has unknown kind\(s\) \['norms'\]; choose from "
+                                     r"\['bias', 'embedding', 'norm'\]$"),
+    (dict(clip_norm=0.0), r"^optim.clip_norm=0.0 must be > 0 \(or none for no clipping\)$"),
+    (dict(grad_accum_steps=0), r"^optim.grad_accum_steps=0 must be >= 1$"),
+    (dict(schedule="step"), r"^OptimizerConfig.schedule='step' is not one of 'cosine', 'linear', 'constant'$"),
+])
+def test_config_errors_are_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        OptimizerConfig(**kwargs)
+
+
+def test_config_overrides_parse():
+    cfg = OptimizerConfig().apply_overrides(["clip_norm=none", "decay_exclude=[\"norm\"]", "learning_rate=1e-3"])
+    assert cfg.clip_norm is None and cfg.decay_exclude == ("norm",) and cfg.learning_rate == 1e-3
+    with pytest.raises(ConfigError, match="total_steps=0 must be >= 1"):
+        make_schedule(cfg, 0)
