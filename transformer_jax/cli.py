@@ -3,6 +3,7 @@
     transformer-jax train [--config experiments/NAME.py] [--set key.path=value ...] [--workdir DIR]
     transformer-jax eval --workdir DIR [--set ...]
     transformer-jax info [--config ...] [--set ...]
+    transformer-jax plan --config NAME [--mesh data=..,fsdp=..,tensor=..] [--chip v5e|v5p|h100|h200|cpu] [--set ...]
     transformer-jax generate --workdir DIR --prompt "def " [--max-new-tokens N] [--temperature T]
 
 With no --config, `train` runs experiments/default.py. A bad setting is one line on stderr
@@ -28,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     common(sub.add_parser("train", help="train (resumes from --workdir if it holds a checkpoint)"))
     common(sub.add_parser("eval", help="evaluate the newest intact checkpoint of --workdir"), workdir_required=True)
     common(sub.add_parser("info", help="devices, mesh, parameter count and per-device memory"))
+    from transformer_jax.plan import add_arguments as plan_arguments
+    common(pl := sub.add_parser("plan", help="compile ahead of time for a mesh: memory, FLOPs, collectives, "
+                                "predicted step time and MFU on a chip (exit 1: does not fit)"))
+    plan_arguments(pl)
     g = sub.add_parser("generate", help="sample from a trained decoder LM, streaming tokens")
     g.add_argument("--workdir", required=True)
     g.add_argument("--prompt", default=None)
@@ -51,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             return generate_cli(args)
         from transformer_jax.experiment import load_experiment
         cfg = _load(args, load_experiment)
+        if args.command == "plan":
+            from transformer_jax.plan import plan_cli
+            return plan_cli(cfg, args)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / cfg.name
         if args.command == "train":
             from transformer_jax.train.loop import train

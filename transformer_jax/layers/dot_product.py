@@ -11,7 +11,8 @@ a large finite negative), so padding rows stay finite; their outputs are meant t
 
 Kernels: `xla` (einsum reference, [B, H, Lq, Lk] scores), `chunked` (blockwise online softmax
 with a FlashAttention-2 backward, memory linear in length, pure JAX, any backend), `cudnn`
-(`jax.nn.dot_product_attention` on CUDA GPUs, bf16/fp16), `auto` (`select_implementation`).
+(`jax.nn.dot_product_attention` on CUDA GPUs, bf16/fp16), `splash` (Pallas splash attention on
+TPU, layers/splash.py), `auto` (`select_implementation`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 from jax import lax
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+KERNELS = IMPLEMENTATIONS + ("splash",)  # every name `implementation` accepts (splash: TPU only)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 F32 = jnp.float32
 # `auto` uses `chunked` instead of `xla` once one head's [Lq, Lk] scores exceed 512 x 512.
@@ -55,27 +57,34 @@ def dot_product_attention(
 ) -> jax.Array:
     """Attention output [B, Lq, H, D] in q's dtype. `block_q`/`block_kv`: tile sizes of `chunked`."""
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids)
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation={implementation!r} is unknown; choose one of {IMPLEMENTATIONS}")
+    if implementation not in KERNELS:
+        raise ValueError(f"attention implementation={implementation!r} is unknown; choose one of {KERNELS}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     args = (q, k, v, causal, q_offset, q_segment_ids, kv_segment_ids, mask, bias, scale)
     if implementation == "auto":
-        dense_mask = q_segment_ids is not None or mask is not None or (causal and not _is_zero(q_offset))
+        general_mask = mask is not None or (causal and not _is_zero(q_offset))
         implementation, reason = select_implementation(
             _backend(), q.dtype, q.shape[1], k.shape[1], batch=q.shape[0], heads=q.shape[2],
-            head_dim=q.shape[3], has_bias=bias is not None, dense_mask=dense_mask)
+            head_dim=q.shape[3], has_bias=bias is not None, dense_mask=general_mask or q_segment_ids is not None,
+            general_mask=general_mask, causal=causal)
         log.info("attention implementation=%s: %s", implementation, reason)
+    if implementation == "splash":
+        return _splash(*args)
     if implementation == "cudnn":
         return _cudnn(*args)
     if implementation == "chunked":
-        return _chunked(*args, block_q=block_q, block_kv=block_kv)
+        with jax.named_scope("chunked_attention"):  # `plan` finds the kernel's tile loops by this name
+            return _chunked(*args, block_q=block_q, block_kv=block_kv)
     return _xla(*args)
 
 
 def select_implementation(backend: str, dtype, lq: int, lk: int, *, batch: int = 1, heads: int = 1,
-                          head_dim: int = 64, has_bias: bool = False, dense_mask: bool = False) -> tuple[str, str]:
+                          head_dim: int = 64, has_bias: bool = False, dense_mask: bool = False,
+                          general_mask: bool | None = None, causal: bool = False) -> tuple[str, str]:
     """The kernel `auto` runs for these inputs, and why. `dense_mask`: segment ids, a boolean
-    mask or a nonzero q_offset, which cuDNN only takes as a materialised [B, 1, Lq, Lk] bias."""
+    mask or a nonzero q_offset, which cuDNN only takes as a materialised [B, 1, Lq, Lk] bias.
+    `general_mask`: a boolean mask or a nonzero q_offset, which splash cannot take (it does
+    take segment ids); None: assume `dense_mask` is one."""
     dtype = jnp.dtype(dtype)
     if lq * lk > CHUNKED_MIN_SCORES:
         fallback = "chunked", f"Lq x Lk = {lq} x {lk} > 512 x 512 scores per head"
@@ -87,10 +96,31 @@ def select_implementation(backend: str, dtype, lq: int, lk: int, *, batch: int =
             return "cudnn", "GPU with a cuDNN-supported dtype, head_dim and masks"
         return fallback[0], f"cudnn not usable ({why_not}); {fallback[1]}"
     if backend == "tpu":
-        # TODO(splash): a Pallas splash-attention kernel goes here (separate issue); until then
-        # TPU uses the same pure-JAX choice as CPU.
-        return fallback[0], f"TPU (no splash kernel yet); {fallback[1]}"
+        general = dense_mask if general_mask is None else general_mask
+        why_not = _splash_unsupported(dtype, lq, lk, has_bias, general, causal)
+        if why_not is None:
+            return "splash", "TPU with bf16, lengths multiple of 128 and causal/full/segment masks"
+        return fallback[0], f"splash not used ({why_not}); {fallback[1]}"
     return fallback[0], f"backend {backend}; {fallback[1]}"
+
+
+def _splash_unsupported(dtype, lq, lk, has_bias, general_mask, causal, prefer=True):
+    """Why splash does not take these inputs (None: it does). `prefer`: also the cases where
+    `auto` prefers another kernel (f32, which the reference kernels keep exact; short sequences)."""
+    from transformer_jax.layers.splash import block_size
+    if prefer and jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+        return f"dtype {jnp.dtype(dtype)} is not bfloat16"
+    if prefer and lq * lk <= CHUNKED_MIN_SCORES:
+        return "one 512 x 512 tile or less: XLA's fused einsum does as well"
+    if not (block_size(lq) and block_size(lk)):
+        return f"lengths {lq}/{lk} are not multiples of 128"
+    if has_bias:
+        return "an additive bias (e.g. T5 relative positions) is not supported by the kernel"
+    if general_mask:
+        return "a boolean mask or a nonzero q_offset is not supported by the kernel"
+    if causal and lq != lk:
+        return f"causal attention with Lq={lq} != Lk={lk}"
+    return None
 
 
 def _cudnn_unsupported(dtype, lq, lk, batch, head_dim, has_bias, dense_mask):
@@ -164,6 +194,19 @@ def _xla(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     p = p.reshape(b, kh, h // kh, lq, k.shape[1])
     o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
     return o.reshape(b, lq, h, d).astype(q.dtype)
+
+
+def _splash(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
+    """Pallas splash attention (layers/splash.py); only `select_implementation`'s cases."""
+    backend = _backend()
+    if backend != "tpu":
+        raise ValueError(f"attention implementation='splash' needs a TPU; this backend is {backend} — use 'auto', 'xla' or 'chunked'")
+    why_not = _splash_unsupported(q.dtype, q.shape[1], k.shape[1], bias is not None,
+                                  mask is not None or (causal and not _is_zero(q_offset)), causal, prefer=False)
+    if why_not is not None:
+        raise ValueError(f"attention implementation='splash' cannot take these inputs: {why_not}; use 'auto'")
+    from transformer_jax.layers.splash import splash_attention
+    return splash_attention(q, k, v, causal=causal, scale=scale, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
 
 
 def _cudnn(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):

@@ -1,29 +1,68 @@
-"""Peak FLOP/s of the chip a run is on, for MFU.
+"""Chips: peak FLOP/s for MFU, and the figures `transformer-jax plan` predicts with.
 
-Accelerators: the published dense bf16 matmul peak per chip. CPUs: measured once, a jitted
-f32 matmul in this process (the same way benchmarks/ measure it), cached for the process.
+Accelerators: published per-chip figures (dense bf16 matmul peak, HBM capacity and
+bandwidth, interconnect). TPU figures are those of "How to Scale Your Model" (Austin et
+al. 2025, ch. 2) and Google's Cloud TPU pages; GPU figures are NVIDIA's SXM datasheets
+(dense, no sparsity). CPUs: measured once in this process (a jitted matmul, a jitted
+copy), cached, and split evenly over the fake devices that share the host.
+
+`link_bandwidth` is the bytes per second one chip moves into a ring collective along one
+mesh axis: on a TPU torus both neighbours at once (2 x the one-way ICI link figure, an
+axis with wraparound); on an NVSwitch GPU node the one-way NVLink bandwidth. Axes that
+cross hosts (DCN, InfiniBand) are slower; `plan` says so rather than guess.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak per chip (vendor figures), keyed by substrings of `device_kind`.
-CHIP_PEAK_FLOPS = {
-    "v4": 275e12,
-    "v5 lite": 197e12,  # v5e
-    "v5e": 197e12,
-    "v5p": 459e12,
-    "v6 lite": 918e12,  # Trillium
-    "v6e": 918e12,
-    "h200": 989e12,
-    "h100": 989e12,
-    "a100": 312e12,
-    "l4": 121e12,
-}
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    peak_flops: float  # dense bf16 matmul FLOP/s
+    hbm_bytes: float
+    hbm_bandwidth: float  # bytes/s
+    link_bandwidth: float  # bytes/s per chip along one mesh axis (see the module docstring)
+    usable_fraction: float  # of HBM the runtime leaves to arrays
+    source: str
+
+
+CHIPS: dict[str, Chip] = {c.name: c for c in (
+    Chip("v4", 275e12, 32 * GIB, 1.2e12, 2 * 4.5e10, 0.95, "TPU v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1.2 TB/s, ICI 45 GB/s/link one-way"),
+    Chip("v5e", 197e12, 16 * GIB, 8.1e11, 2 * 4.5e10, 0.95, "TPU v5e: 197 TFLOP/s bf16, 16 GiB HBM2 at 819 GB/s, ICI 45 GB/s/link one-way"),
+    Chip("v5p", 459e12, 95 * GIB, 2.76e12, 2 * 9e10, 0.95, "TPU v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at 2.76 TB/s, ICI 90 GB/s/link one-way"),
+    Chip("v6e", 918e12, 32 * GIB, 1.64e12, 2 * 9e10, 0.95, "TPU v6e (Trillium): 918 TFLOP/s bf16, 32 GiB HBM at 1.64 TB/s, ICI 90 GB/s/link one-way"),
+    # JAX preallocates 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise;
+    # experiments/launch/gpu_slurm.sbatch sets it to 0.90.
+    Chip("a100", 312e12, 80 * GIB, 2.039e12, 300e9, 0.90, "A100 SXM4 80GB: 312 TFLOP/s bf16, 2.04 TB/s, NVLink3 300 GB/s one-way"),
+    Chip("h100", 989e12, 80 * GIB, 3.35e12, 450e9, 0.90, "H100 SXM5: 989 TFLOP/s bf16 dense, 80 GiB HBM3 at 3.35 TB/s, NVLink4 450 GB/s one-way"),
+    Chip("h200", 989e12, 140 * GIB, 4.8e12, 450e9, 0.90, "H200 SXM: 989 TFLOP/s bf16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink4 450 GB/s one-way"),
+)}
+
+# `device_kind` substrings -> chip, most specific first ("TPU v5 lite" is a v5e, "TPU v5" a v5p).
+_KINDS = (("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"), ("tpu v5", "v5p"), ("v6 lite", "v6e"),
+          ("v6e", "v6e"), ("tpu v4", "v4"), ("h200", "h200"), ("h100", "h100"), ("a100", "a100"))
+# Dense bf16 peak per chip, keyed by substrings of `device_kind` (kept for callers of the old table).
+CHIP_PEAK_FLOPS = {**{kind: CHIPS[name].peak_flops for kind, name in _KINDS}, "l4": 121e12}
+
+
+def chip_for_device_kind(kind: str) -> Chip | None:
+    kind = kind.lower()
+    if "h100" in kind and "pcie" in kind:
+        return dataclasses.replace(CHIPS["h100"], name="h100-pcie", peak_flops=756e12, hbm_bandwidth=2.0e12,
+                                   source="H100 PCIe: 756 TFLOP/s bf16 dense, 2.0 TB/s")
+    for key, name in _KINDS:
+        if key in kind:
+            return CHIPS[name]
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,12 +79,50 @@ def measured_matmul_peak(n: int = 1024, dtype: str = "float32", seconds: float =
     return 2 * n ** 3 / best
 
 
+@functools.lru_cache(maxsize=None)
+def measured_memory_bandwidth(mib: int = 64, seconds: float = 0.3) -> float:
+    """Bytes/s read + written by a jitted elementwise op over `mib` MiB on the default device."""
+    x = jnp.ones((mib * 2 ** 18,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.5 + 1.0)
+    f(x).block_until_ready()
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.nbytes / best
+
+
+def host_memory_bytes() -> float:
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def cpu_chip(devices: int = 1) -> Chip:
+    """This host measured, split over `devices` fake devices (they share its cores and RAM)."""
+    peak, bw = measured_matmul_peak(), measured_memory_bandwidth()
+    return Chip("cpu", peak / devices, host_memory_bytes() / devices, bw / devices, bw / devices, 0.9,
+                f"this host, measured: {peak / 1e9:.0f} GFLOP/s f32 matmul, {bw / 1e9:.1f} GB/s memory, "
+                f"{host_memory_bytes() / GIB:.0f} GiB RAM, shared by {devices} device(s)")
+
+
+def get_chip(name: str, devices: int = 1) -> Chip:
+    """A chip of the table by name (v4, v5e, v5p, v6e, a100, h100, h200) or "cpu" (measured)."""
+    name = name.lower()
+    if name == "cpu":
+        return cpu_chip(devices)
+    if name not in CHIPS:
+        raise ValueError(f"chip={name!r} is unknown; choose one of {', '.join([*CHIPS, 'cpu'])}")
+    return CHIPS[name]
+
+
 def peak_flops_per_device() -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from)."""
     dev = jax.devices()[0]
-    kind = dev.device_kind.lower()
+    chip = chip_for_device_kind(dev.device_kind)
+    if chip is not None:
+        return chip.peak_flops, f"{dev.device_kind} published bf16 peak"
     for key, peak in CHIP_PEAK_FLOPS.items():
-        if key in kind:
+        if key in dev.device_kind.lower():
             return peak, f"{dev.device_kind} published bf16 peak"
     if dev.platform == "cpu":
         # Fake CPU devices share the host's cores: the whole host's peak is the budget.

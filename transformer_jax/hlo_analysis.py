@@ -1,0 +1,387 @@
+"""What one device does in a compiled, SPMD-partitioned XLA program, read from its HLO text.
+
+    stats = analyze_hlo(compiled.as_text())
+    stats.dot_flops                  # matmul FLOPs per device per step (loops, remat included)
+    stats.hbm_bytes                  # bytes the top-level ops read and write (per-op roofline input)
+    stats.collectives["all-gather"]  # CollectiveStats(count, operand_bytes, link_bytes)
+
+Every instruction is weighted by how many times it runs: a `while` body runs its
+`known_trip_count` times (XLA annotates the scanned layer loops with it; without one, the
+trip count comes from the loop condition's `compare(i, constant)` or, failing that, is 1
+and listed in `unknown_loops`). Branches of a `conditional` count once each (an upper bound).
+
+Collective bytes are per device. `operand_bytes` sums the operands as written; `link_bytes`
+is what a ring algorithm moves out of each device over a group of n (Patarasuk & Yuan;
+"How to Scale Your Model", ch. 3): all-gather S(n-1) for an operand S (the result is nS),
+reduce-scatter S(n-1)/n, all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S.
+
+XLA:CPU has no reduce-scatter pass: it all-reduces FSDP gradients and then keeps a
+dynamic-slice of them. An all-reduce (or a tuple element of one) whose every use is a
+dynamic-slice is counted as the reduce-scatter that XLA:TPU/GPU emit for the same program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|c64|c128|f8e\w+)\[([^\]]*)\]")
+# Ops in the loops of the `chunked` attention kernel (named scope "chunked_attention"): the
+# CPU stand-in for splash / cuDNN flash attention, whose tiles stay in VMEM / shared memory.
+_IN_KERNEL = re.compile(r"chunked_attention.*/while/")
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
+         "partition-id", "replica-id", "after-all", "iota", "opt-barrier", "custom-call"}
+
+
+@dataclasses.dataclass
+class Instr:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    attrs: str
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    instrs: list[Instr]
+    root: Instr | None = None
+
+    def __post_init__(self):
+        self.by_name = {i.name: i for i in self.instrs}
+        self.users: dict[str, list[Instr]] = defaultdict(list)
+        for i in self.instrs:
+            for op in i.operands:
+                self.users[op].append(i)
+
+
+@dataclasses.dataclass
+class CollectiveStats:
+    count: float = 0.0  # executions per step
+    operand_bytes: float = 0.0
+    link_bytes: float = 0.0  # ring-algorithm bytes sent per device
+
+    def add(self, times: float, operand: float, link: float) -> None:
+        self.count += times
+        self.operand_bytes += times * operand
+        self.link_bytes += times * link
+
+
+@dataclasses.dataclass
+class HloStats:
+    dot_flops: float = 0.0
+    hbm_bytes: float = 0.0
+    collectives: dict[str, CollectiveStats] = dataclasses.field(
+        default_factory=lambda: {k: CollectiveStats() for k in COLLECTIVES})
+    ops: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)  # (times, flops, bytes)
+    op_labels: list[str] = dataclasses.field(default_factory=list)  # "opcode name: op_name metadata", per op
+    loops: dict[str, int] = dataclasses.field(default_factory=dict)  # while body -> trip count
+    unknown_loops: list[str] = dataclasses.field(default_factory=list)
+    sliced_all_reduces: int = 0  # all-reduce elements counted as reduce-scatter
+    kernel_bytes: float = 0.0  # bytes of ops inside blockwise-attention loops, left out of hbm_bytes
+
+    def roofline_seconds(self, peak_flops: float, hbm_bandwidth: float) -> float:
+        """Sum over top-level ops of max(flops / peak, bytes / bandwidth)."""
+        return sum(t * max(f / peak_flops, b / hbm_bandwidth) for t, f, b in self.ops)
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+def shape_bytes(shape: str) -> float:
+    """Bytes of an HLO shape string; tuples sum their elements."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        size = _DTYPE_BYTES.get(dtype, 1)
+        total += size * math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d.strip())
+    return total
+
+
+def shape_dims(shape: str) -> list[int]:
+    m = _ARRAY.search(shape)
+    return [int(d.lstrip("<=")) for d in m.group(2).split(",") if d.strip()] if m else []
+
+
+def _matching(s: str, start: int) -> int:
+    """Index of the bracket closing the one at s[start]."""
+    depth, pairs = 0, {"(": ")", "{": "}", "[": "]"}
+    for i in range(start, len(s)):
+        if s[i] in pairs:
+            depth += 1
+        elif s[i] in pairs.values():
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(s) - 1
+
+
+def _split_top(s: str) -> list[str]:
+    out, depth, cur = [], 0, []
+    for ch in s:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        out.append("".join(cur).strip())
+    return out
+
+
+def _parse_instr(line: str) -> tuple[Instr, bool] | None:
+    body = line.strip()
+    root = body.startswith("ROOT ")
+    body = body[5:] if root else body
+    name, eq, rest = body.partition(" = ")
+    if not eq:
+        return None
+    if rest.startswith("("):
+        end = _matching(rest, 0)
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    m = re.match(r"([\w\-]+)\(", rest)
+    if not m:
+        return None
+    open_at = m.end() - 1
+    close = _matching(rest, open_at)
+    operands = [op.split()[-1].lstrip("%") for op in _split_top(rest[open_at + 1:close]) if op]
+    return Instr(name.lstrip("%"), shape, m.group(1), operands, rest[close + 1:]), root
+
+
+def parse_module(text: str) -> tuple[dict[str, Computation], str]:
+    """({computation name: Computation}, entry name) of an HLO module's text."""
+    comps, entry, current, instrs, root = {}, None, None, [], None
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("HloModule"):
+            continue
+        if not line[0].isspace() and line.rstrip().endswith("{"):
+            head = line.split()
+            is_entry = head[0] == "ENTRY"
+            current = (head[1] if is_entry else head[0]).lstrip("%")
+            entry = current if is_entry else entry
+            instrs, root = [], None
+        elif line.startswith("}") and current:
+            comps[current] = Computation(current, instrs, root)
+            current = None
+        elif current:
+            parsed = _parse_instr(line)
+            if parsed:
+                instrs.append(parsed[0])
+                root = parsed[0] if parsed[1] else root
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return comps, entry
+
+
+# -- analysis --------------------------------------------------------------------------------
+
+def _attr_comps(attrs: str, key: str) -> list[str]:
+    m = re.search(rf"\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)", attrs)
+    if not m:
+        return []
+    return [c.strip().lstrip("%") for c in m.group(1).strip("{}").split(",") if c.strip()]
+
+
+def _trip_count(instr: Instr, comps: dict[str, Computation]) -> int | None:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
+    if m:
+        return int(m.group(1))
+    cond = comps.get((_attr_comps(instr.attrs, "condition") or [""])[0])
+    if cond and cond.root is not None and cond.root.opcode == "compare" and "direction=LT" in cond.root.attrs:
+        for op in cond.root.operands:
+            c = cond.by_name.get(op)
+            if c is not None and c.opcode == "constant":
+                m = re.search(r"constant\((-?\d+)\)", f"constant({c.operands[0] if c.operands else ''})")
+                if m:
+                    return int(m.group(1))
+    return None
+
+
+def group_size(attrs: str, num_devices: int) -> int:
+    """Devices per replica group: `{{0,1},{2,3}}`, iota `[2,4]<=[8]` or `mesh[...] {'axis'}`."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", attrs)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=\{(\{[^}]*\})", attrs)
+    if m:
+        return len([x for x in m.group(1).strip("{}").split(",") if x.strip()])
+    m = re.search(r"source_target_pairs=", attrs)
+    return 2 if m else num_devices  # empty groups: every device
+
+
+def _only_sliced(comp: Computation, name: str, comps: dict[str, Computation], depth: int = 0) -> bool:
+    """Is every use of `name` a dynamic-slice of it (through bitcasts, copies and fusions)?"""
+    users = comp.users.get(name, [])
+    if not users or depth > 6 or (comp.root is not None and comp.root.name == name):
+        return False
+    for u in users:
+        if u.opcode == "dynamic-slice" and u.operands[0] == name:
+            continue
+        if u.opcode in ("bitcast", "copy", "reshape") and _only_sliced(comp, u.name, comps, depth + 1):
+            continue
+        if u.opcode == "fusion":
+            fused = comps.get((_attr_comps(u.attrs, "calls") or [""])[0])
+            params = {int(re.search(r"\d+", p.operands[0] if p.operands else "0").group()): p.name
+                      for p in (fused.instrs if fused else []) if p.opcode == "parameter"}
+            if fused and all(_only_sliced(fused, params.get(k, ""), comps, depth + 1)
+                             for k, op in enumerate(u.operands) if op == name):
+                continue
+        return False
+    return True
+
+
+def _sliced_elements(comp: Computation, ar: Instr, comps) -> list[bool]:
+    """For each element of an all-reduce (one, or a tuple's), whether only slices of it are used."""
+    if not ar.shape.startswith("("):
+        return [_only_sliced(comp, ar.name, comps)]
+    n = len(_ARRAY.findall(ar.shape))
+    out = [False] * n
+    gtes = [u for u in comp.users.get(ar.name, []) if u.opcode == "get-tuple-element"]
+    for g in gtes:
+        k = int(re.search(r"index=(\d+)", g.attrs).group(1))
+        out[k] = _only_sliced(comp, g.name, comps)
+    return out
+
+
+def _fusion_bytes(instr: Instr, comp: Computation, fused: Computation | None) -> float:
+    """Bytes a fusion (or a plain op) reads and writes; slices of a big operand count as the
+    slice, a dynamic-update-slice into a buffer counts as the update (it runs in place)."""
+    operand_shapes = [comp.by_name[o].shape if o in comp.by_name else "" for o in instr.operands]
+    if fused is None:
+        if instr.opcode == "dynamic-slice":
+            return 2 * shape_bytes(instr.shape)
+        if instr.opcode == "dynamic-update-slice":
+            return 2 * shape_bytes(operand_shapes[1])
+        return sum(map(shape_bytes, operand_shapes)) + shape_bytes(instr.shape)
+    params = {}
+    for p in fused.instrs:
+        if p.opcode == "parameter":
+            params[int(p.operands[0]) if p.operands and p.operands[0].isdigit() else len(params)] = p
+    total, in_place = 0.0, None
+    dus = _through_unary(fused, fused.root)
+    if dus is not None and dus.opcode == "dynamic-update-slice":
+        buffer = _through_unary(fused, fused.by_name.get(dus.operands[0]))
+        in_place = buffer.name if buffer is not None and buffer.opcode == "parameter" else None
+        update = fused.by_name.get(dus.operands[1])
+        ratio = shape_bytes(instr.shape) / max(shape_bytes(dus.shape), 1)  # e.g. a bf16 buffer updated in f32
+        total += 2 * ratio * shape_bytes(update.shape if update else "")
+    if in_place is None:
+        total = shape_bytes(instr.shape)
+    for k, p in params.items():
+        if p.name == in_place:
+            continue
+        users = fused.users.get(p.name, [])
+        if users and all(u.opcode == "dynamic-slice" and u.operands[0] == p.name for u in users):
+            total += sum(shape_bytes(u.shape) for u in users)
+        else:
+            total += shape_bytes(operand_shapes[k] if k < len(operand_shapes) else p.shape)
+    return total
+
+
+def _through_unary(comp: Computation, instr: Instr | None) -> Instr | None:
+    """Follows converts, bitcasts and copies from `instr` to their operand (XLA:CPU wraps a
+    bf16 dynamic-update-slice in converts to and from f32)."""
+    for _ in range(8):
+        if instr is None or instr.opcode not in ("convert", "bitcast", "copy", "reshape"):
+            return instr
+        instr = comp.by_name.get(instr.operands[0]) if instr.operands else None
+    return instr
+
+
+def _dot_flops(instr: Instr, comp: Computation) -> float:
+    lhs = comp.by_name.get(instr.operands[0]) if instr.operands else None
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+    if lhs is None or m is None:
+        return 0.0
+    dims = shape_dims(lhs.shape)
+    k = math.prod(dims[int(d)] for d in m.group(1).split(",") if d)
+    return 2.0 * math.prod(shape_dims(instr.shape)) * k
+
+
+def _flops_inside(comp: Computation, comps, seen: int = 0) -> float:
+    total = 0.0
+    for i in comp.instrs:
+        if i.opcode == "dot":
+            total += _dot_flops(i, comp)
+        elif i.opcode == "fusion" and seen < 8:
+            callee = comps.get((_attr_comps(i.attrs, "calls") or [""])[0])
+            total += _flops_inside(callee, comps, seen + 1) if callee else 0.0
+    return total
+
+
+def analyze_hlo(text: str, num_devices: int = 1) -> HloStats:
+    """Per-device matmul FLOPs, HBM bytes of top-level ops and collectives, loops counted."""
+    comps, entry = parse_module(text)
+    stats = HloStats()
+
+    def visit(name: str, times: float, depth: int = 0) -> None:
+        comp = comps.get(name)
+        if comp is None or depth > 64:
+            return
+        for instr in comp.instrs:
+            op = instr.opcode
+            if op == "while":
+                body = (_attr_comps(instr.attrs, "body") or [""])[0]
+                trips = _trip_count(instr, comps)
+                if trips is None:
+                    stats.unknown_loops.append(body)
+                stats.loops[body] = trips or 1
+                visit(body, times * (trips or 1), depth + 1)
+                continue
+            if op in ("call", "conditional", "async-start"):
+                for key in ("to_apply", "calls", "branch_computations", "true_computation", "false_computation"):
+                    for callee in _attr_comps(instr.attrs, key):
+                        visit(callee, times, depth + 1)
+                continue
+            base = op.removesuffix("-start")
+            if base in COLLECTIVES:
+                _collective(stats, comp, instr, base, times, comps, num_devices)
+                continue
+            if op in _FREE or op.endswith("-done") or op.endswith("-start"):
+                continue
+            fused = comps.get((_attr_comps(instr.attrs, "calls") or [""])[0]) if op == "fusion" else None
+            flops = _dot_flops(instr, comp) if op == "dot" else (_flops_inside(fused, comps) if fused else 0.0)
+            meta = re.search(r'op_name="([^"]*)"', instr.attrs)
+            op_name = meta.group(1) if meta else ""
+            nbytes = _fusion_bytes(instr, comp, fused)
+            if _IN_KERNEL.search(op_name):  # a tile of blockwise attention: on-chip memory on TPU/GPU
+                stats.kernel_bytes += times * nbytes
+                nbytes = 0.0
+            stats.dot_flops += times * flops
+            stats.hbm_bytes += times * nbytes
+            stats.ops.append((times, flops, nbytes))
+            stats.op_labels.append(f"{op} {instr.name}: {op_name}")
+
+    visit(entry, 1.0)
+    return stats
+
+
+def _collective(stats: HloStats, comp: Computation, instr: Instr, kind: str, times: float, comps,
+                num_devices: int) -> None:
+    n = max(group_size(instr.attrs, num_devices), 1)
+    shapes = [comp.by_name[o].shape for o in instr.operands if o in comp.by_name]
+    if kind != "all-reduce":
+        s = sum(map(shape_bytes, shapes))
+        link = {"all-gather": s * (n - 1), "reduce-scatter": s * (n - 1) / n,
+                "all-to-all": s * (n - 1) / n, "collective-permute": s}[kind]
+        stats.collectives[kind].add(times, s, link)
+        return
+    sliced = _sliced_elements(comp, instr, comps) if n > 1 else [False] * len(shapes)
+    for shape, is_sliced in zip(shapes, sliced + [False] * (len(shapes) - len(sliced))):
+        s = shape_bytes(shape)
+        if is_sliced:
+            stats.sliced_all_reduces += 1
+            stats.collectives["reduce-scatter"].add(times, s, s * (n - 1) / n)
+        else:
+            stats.collectives["all-reduce"].add(times, s, 2 * s * (n - 1) / n)

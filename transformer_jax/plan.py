@@ -1,0 +1,438 @@
+"""`transformer-jax plan`: will an experiment fit on N chips of a kind, and how fast will it run?
+
+    transformer-jax plan --config gpt2_small --chip v5e [--mesh data=1,fsdp=8,tensor=1] [--set ...]
+
+The train step is lowered and compiled ahead of time for fake CPU devices shaped like the
+mesh: abstract shapes only (`jax.ShapeDtypeStruct`), so no parameter is ever materialised
+and an 8B model plans in seconds on a laptop. When this process's JAX does not already
+have exactly that many CPU devices, the compile runs in a subprocess started with
+`JAX_NUM_CPU_DEVICES=N` (and `--xla_force_host_platform_device_count=N`).
+
+Per device it reports: parameter and optimizer-state bytes (from the arrays' shardings),
+XLA's memory analysis (arguments, outputs, donated aliases, temporaries = activations,
+gradients and workspace), model FLOPs (train/flops.py) and XLA's matmul FLOPs (remat
+included), collective bytes by kind (transformer_jax/hlo_analysis.py), and a prediction
+for the chip (train/hardware.py) as a range:
+
+    compute = matmul FLOPs / peak                      (the larger of XLA's count and the model's)
+    memory  = (2 x temp + arguments + outputs) / HBM bandwidth   (each live byte moved once: a floor)
+    comm    = ring link bytes / interconnect bandwidth of one mesh axis
+    fast    = max(compute, memory, comm)               roofline, everything overlapped -> MFU ceiling
+    slow    = sum over ops of max(op FLOPs / peak, op bytes / HBM bandwidth) + comm
+              with XLA:CPU's fusion (coarser than TPU/GPU's, bf16 converted to f32 around
+              elementwise ops) and no overlap -> a pessimistic MFU
+
+MFU = model FLOPs / (chips x peak x step). Well-tuned large runs land in between (typically
+40-60% MFU on TPU/H100 for dense models this size). Blockwise attention (`chunked`, what
+CPU compiles in place of splash / cuDNN flash attention) is counted for FLOPs, not for the
+HBM bytes of its tiles, which stay on chip in those kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from transformer_jax.config import ConfigError
+
+GIB = 2 ** 30
+_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+# -- the request ---------------------------------------------------------------------------
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,fsdp=4,tensor=1' -> {'data': 2, 'fsdp': 4, 'tensor': 1} (axes left out: unchanged)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip() not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--mesh {text!r}: write axis=size pairs like data=2,fsdp=4,tensor=1")
+        out[key.strip()] = int(value)
+    return out
+
+
+def with_mesh(cfg, mesh: dict[str, int] | None):
+    return cfg if not mesh else cfg.apply_overrides([f"mesh.{k}={v}" for k, v in mesh.items()])
+
+
+def device_count(cfg, devices: int | None) -> int:
+    sizes = cfg.mesh.sizes
+    if devices is None:
+        if -1 in sizes:
+            raise ConfigError(f"mesh {_mesh_str(cfg.mesh)} has a -1 (fill) axis; give --devices N or a full --mesh")
+        return math.prod(sizes)
+    from transformer_jax.parallel.mesh import resolve_sizes
+    resolve_sizes(sizes, devices)  # one-line error when they disagree
+    return devices
+
+
+def _mesh_str(m) -> str:
+    return " x ".join(f"{a}={s}" for a, s in zip(("data", "fsdp", "tensor"), m.sizes))
+
+
+# -- measuring (needs `devices` JAX CPU devices in this process) ----------------------------
+
+def _scaled(cfg, layers: int):
+    m = cfg.model
+    dec = None if m.num_decoder_layers is None else max(1, round(layers * m.num_decoder_layers / m.num_layers))
+    over = [f"model.num_layers={layers}"] + ([f"model.num_decoder_layers={dec}"] if dec is not None else [])
+    return cfg.apply_overrides(over)
+
+
+def abstract_batch(cfg) -> dict:
+    """ShapeDtypeStructs of one global batch of the experiment's task (no data is generated)."""
+    import jax
+    from transformer_jax.train.synthetic import synthetic_batch
+    t = cfg.train
+    one = synthetic_batch(cfg.task.task, 1, t.seq_len, cfg.model.vocab_size, target_len=t.target_seq_len,
+                          num_classes=cfg.model.num_classes)
+    return {k: jax.ShapeDtypeStruct((t.global_batch_size, *v.shape[1:]), v.dtype) for k, v in one.items()}
+
+
+def _compile_once(cfg, devices: int) -> dict:
+    import jax
+    from transformer_jax.hlo_analysis import analyze_hlo
+    from transformer_jax.parallel import check_batch, get_rules, make_mesh
+    from transformer_jax.train import make_train_setup
+
+    mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
+    check_batch(cfg.train.global_batch_size, mesh)
+    try:
+        setup = make_train_setup(cfg.model, cfg.optimizer, cfg.task, mesh, get_rules(cfg.mesh.preset),
+                                 total_steps=cfg.train.steps, seed=cfg.train.seed)
+    except ValueError as e:  # indivisible dimensions: one line already
+        raise ConfigError(str(e)) from None
+    batch = abstract_batch(cfg)
+    compiled = setup.compiled_train_step(batch)
+    mem = compiled.memory_analysis()
+    hlo = analyze_hlo(compiled.as_text(), devices)
+
+    def shard_bytes(tree) -> float:
+        return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+    state = setup.abstract_state
+    batch_bytes = sum(math.prod(setup.batch_sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in batch.values())
+    return dict(
+        params=setup.param_count, param_bytes=shard_bytes(state.params), opt_bytes=shard_bytes(state.opt_state),
+        other_state_bytes=shard_bytes([state.step, state.rng]), batch_bytes=float(batch_bytes),
+        argument_bytes=float(mem.argument_size_in_bytes), output_bytes=float(mem.output_size_in_bytes),
+        alias_bytes=float(mem.alias_size_in_bytes), temp_bytes=float(mem.temp_size_in_bytes),
+        model_flops=float(setup.flops_per_step(batch)), dot_flops=hlo.dot_flops, hbm_bytes=hlo.hbm_bytes,
+        ops=_compact_ops(hlo.ops), unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
+        collectives={k: dataclasses.asdict(v) for k, v in hlo.collectives.items()},
+        mesh=_mesh_str(mesh_cfg_of(cfg, devices)), preset=cfg.mesh.preset)
+
+
+def mesh_cfg_of(cfg, devices: int):
+    from transformer_jax.parallel.mesh import resolve_sizes
+    sizes = resolve_sizes(cfg.mesh.sizes, devices)
+    return cfg.mesh.replace(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
+
+
+def _compact_ops(ops) -> list[list[float]]:
+    """(times, flops, bytes) with identical ops merged: what the roofline needs."""
+    merged: dict[tuple[float, float], float] = {}
+    for t, f, b in ops:
+        merged[(f, b)] = merged.get((f, b), 0.0) + t
+    return [[t, f, b] for (f, b), t in merged.items()]
+
+
+def measure(cfg, devices: int, layers: int | None = None) -> dict:
+    """Compiles the train step (at `layers` and 2x`layers`, extrapolated linearly to the
+    model's depth, when given) and returns the per-device figures as plain data."""
+    full = cfg.model.num_layers
+    if not layers or layers >= full:
+        out = _compile_once(cfg, devices)
+        out["compiled_layers"] = [full]
+        return out
+    k2 = min(2 * layers, full)
+    a, b = _compile_once(_scaled(cfg, layers), devices), _compile_once(_scaled(cfg, k2), devices)
+    exact = _compile_once_state_only(cfg, devices)  # the full model's state: exact, no compile
+    x = (full - layers) / (k2 - layers)
+    lin = lambda u, v: u + (v - u) * x  # noqa: E731
+    out = dict(a, **exact)
+    for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "dot_flops", "hbm_bytes"):
+        out[key] = lin(a[key], b[key])
+    out["collectives"] = {k: {f: lin(a["collectives"][k][f], b["collectives"][k][f]) for f in a["collectives"][k]}
+                          for k in a["collectives"]}
+    out["ops"] = [[t * x, f, by] for t, f, by in b["ops"]] + [[t * (1 - x), f, by] for t, f, by in a["ops"]]
+    out["model_flops"] = float(exact["model_flops"])
+    out["compiled_layers"] = [layers, k2]
+    return out
+
+
+def _compile_once_state_only(cfg, devices: int) -> dict:
+    import jax
+    from transformer_jax.parallel import get_rules, make_mesh
+    from transformer_jax.train import make_train_setup
+    mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
+    setup = make_train_setup(cfg.model, cfg.optimizer, cfg.task, mesh, get_rules(cfg.mesh.preset),
+                             total_steps=cfg.train.steps, seed=cfg.train.seed)
+    nbytes = lambda t: float(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize  # noqa: E731
+                                 for x in jax.tree.leaves(t)))
+    s = setup.abstract_state
+    return dict(params=setup.param_count, param_bytes=nbytes(s.params), opt_bytes=nbytes(s.opt_state),
+                other_state_bytes=nbytes([s.step, s.rng]), model_flops=float(setup.flops_per_step(abstract_batch(cfg))))
+
+
+# -- predicting ------------------------------------------------------------------------------
+
+def peak_bytes(m: dict) -> float:
+    """Live bytes at the step's peak: arguments + outputs - donated (aliased) + temporaries."""
+    return m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"] + m["temp_bytes"]
+
+
+def predict(m: dict, chip, devices: int, tokens: int) -> dict:
+    """Step time, MFU and fit of measurement `m` on `chip` (a hardware.Chip); see the module docstring."""
+    flops = max(m["dot_flops"], m["model_flops"] / devices)  # loops of unknown length count once in dot_flops
+    compute = flops / chip.peak_flops
+    live = 2 * m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"]
+    memory = live / chip.hbm_bandwidth
+    comm = {k: v["link_bytes"] / chip.link_bandwidth for k, v in m["collectives"].items()}
+    comm_s = sum(comm.values())
+    per_op = sum(t * max(f / chip.peak_flops, b / chip.hbm_bandwidth) for t, f, b in m["ops"])
+    per_op = max(per_op, compute)
+    step, slow = max(compute, memory, comm_s), per_op + comm_s
+    per_device = m["model_flops"] / devices
+    usable = chip.usable_fraction * chip.hbm_bytes
+    return dict(chip=chip.name, chip_source=chip.source, compute_s=compute, memory_s=memory, comm_s=comm_s,
+                comm_by_kind_s=comm, per_op_s=per_op, step_s=step, step_slow_s=slow,
+                mfu=per_device / (chip.peak_flops * step) if step else 0.0,
+                mfu_slow=per_device / (chip.peak_flops * slow) if slow else 0.0,
+                tokens_per_s_per_chip=tokens / step / devices if step else 0.0,
+                tokens_per_s_per_chip_slow=tokens / slow / devices if slow else 0.0,
+                peak_bytes=peak_bytes(m), usable_bytes=usable, fits=peak_bytes(m) <= usable)
+
+
+def candidates(cfg, devices: int) -> list[tuple[str, object]]:
+    """Changes that lower memory per device, cumulative, cheapest first."""
+    out, cur = [], cfg
+    if cfg.model.remat == "none":
+        out.append(("--set model.remat=dots", cfg.apply_overrides(["model.remat=dots"])))
+    if cfg.model.remat != "full":
+        cur = cfg.apply_overrides(["model.remat=full"])
+        out.append(("--set model.remat=full", cur))
+    mc = mesh_cfg_of(cfg, devices)
+    flag = "--set model.remat=full" if cfg.model.remat != "full" else ""
+    if mc.data > 1:
+        preset = "fsdp_tp" if mc.tensor > 1 else "fsdp"
+        mesh = f"data=1,fsdp={mc.data * mc.fsdp},tensor={mc.tensor}"
+        cur = cur.apply_overrides(["mesh.data=1", f"mesh.fsdp={mc.data * mc.fsdp}", f"mesh.preset={preset}"])
+        flag = f"{flag} --mesh {mesh} --set mesh.preset={preset}".strip()
+        out.append((flag, cur))
+    rows = cfg.train.global_batch_size // (mc.data * mc.fsdp)
+    for k in (2, 4, 8):
+        if rows % k == 0 and rows // k >= 1:
+            nxt = cur.apply_overrides([f"optimizer.grad_accum_steps={k * cur.optimizer.grad_accum_steps}"])
+            out.append((f"{flag} --set optimizer.grad_accum_steps={k * cur.optimizer.grad_accum_steps}".strip(), nxt))
+    return out
+
+
+def run_plan(cfg, devices: int, chip_name: str, layers: int | None = None, suggest: bool = True) -> dict:
+    """Everything `plan` reports, as plain data; needs `devices` CPU devices in this process."""
+    from transformer_jax.train.hardware import get_chip
+    chip = get_chip(chip_name, devices)
+    tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    m = measure(cfg, devices, layers)
+    result = dict(name=cfg.name, devices=devices, tokens=tokens, batch=cfg.train.global_batch_size,
+                  seq_len=cfg.train.seq_len, model=dict(family=cfg.model.family, layers=cfg.model.num_layers,
+                  remat=cfg.model.remat, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                  grad_accum=cfg.optimizer.grad_accum_steps), measured=m, prediction=predict(m, chip, devices, tokens),
+                  notes=_notes(cfg, m, chip, devices), suggestion=None)
+    if suggest and not result["prediction"]["fits"]:
+        for flags, alt in candidates(cfg, devices):
+            try:
+                am = measure(alt, devices, layers)
+            except ConfigError:
+                continue
+            p = predict(am, chip, devices, tokens)
+            result["suggestion"] = dict(flags=flags, peak_bytes=p["peak_bytes"], fits=p["fits"], mfu=p["mfu"])
+            if p["fits"]:
+                break
+    return result
+
+
+def _notes(cfg, m, chip, devices) -> list[str]:
+    notes = []
+    if len(m["compiled_layers"]) > 1:
+        a, b = m["compiled_layers"]
+        notes.append(f"compiled with {a} and {b} layers and extrapolated linearly to {cfg.model.num_layers} "
+                     "(parameter and optimizer bytes are exact)")
+    if m["sliced_all_reduces"]:
+        notes.append(f"{m['sliced_all_reduces']} all-reduce results are only sliced: counted as the reduce-scatter "
+                     "XLA:TPU/GPU emit (XLA:CPU has no reduce-scatter pass)")
+    if m["unknown_loops"]:
+        notes.append(f"{m['unknown_loops']} loop(s) without a known trip count were counted once")
+    if chip.name in ("a100", "h100", "h200") and devices > 8:
+        notes.append("collectives over axes that span nodes run on InfiniBand (~50 GB/s per GPU), ~9x slower "
+                     "than the NVLink figure used here; keep tensor (and if possible fsdp) inside a node")
+    if chip.name in ("v4", "v5e", "v5p", "v6e"):
+        notes.append("ICI figure assumes each mesh axis is a ring with wraparound (full torus dimension); "
+                     "multi-slice (DCN) axes are far slower")
+    return notes
+
+
+# -- running where the devices are -------------------------------------------------------------
+
+def _have_devices(n: int) -> bool:
+    try:
+        from jax._src import xla_bridge
+        if not xla_bridge.backends_are_initialized():
+            return False
+    except (ImportError, AttributeError):
+        return False
+    import jax
+    return jax.default_backend() == "cpu" and jax.device_count() == n and jax.process_count() == 1
+
+
+def plan(cfg, *, devices: int | None = None, chip: str = "cpu", layers: int | None = None,
+         suggest: bool = True) -> dict:
+    """Plans `cfg` (an ExperimentConfig) on `devices` chips of kind `chip`; compiles in this
+    process when it has exactly that many CPU devices, else in a subprocess."""
+    from transformer_jax.train.hardware import CHIPS
+    if chip != "cpu" and chip not in CHIPS:
+        raise ConfigError(f"--chip {chip!r} is unknown; choose one of {', '.join([*CHIPS, 'cpu'])}")
+    n = device_count(cfg, devices)
+    if _have_devices(n):
+        return run_plan(cfg, n, chip, layers, suggest)
+    with tempfile.TemporaryDirectory() as tmp:
+        req, out = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps(dict(config=cfg.to_dict(), devices=n, chip=chip, layers=layers, suggest=suggest)))
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+        if not any("backend_optimization_level" in f for f in flags):
+            flags.append("--xla_backend_optimization_level=0")  # same HLO and buffers, faster LLVM
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(n),
+                   XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={n}"]))
+        proc = subprocess.run([sys.executable, "-m", "transformer_jax.plan", str(req), str(out)], env=env,
+                              capture_output=True, text=True)
+        if not out.exists():
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"plan subprocess failed (exit {proc.returncode}): {tail}")
+        result = json.loads(out.read_text())
+    if "error" in result:
+        raise ConfigError(result["error"])
+    return result
+
+
+# -- the report ------------------------------------------------------------------------------
+
+def _gib(x: float) -> str:
+    """Bytes with a binary unit, 10 characters wide."""
+    for scale, unit in ((GIB, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if abs(x) >= scale:
+            return f"{x / scale:6.2f} {unit}"
+    return f"{x:6.0f} B  "
+
+
+def _si(x: float, unit: str = "") -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def format_plan(r: dict) -> str:
+    m, p, mo = r["measured"], r["prediction"], r["model"]
+    n = r["devices"]
+    rows = r["batch"] // max(1, _product(m["mesh"], ("data", "fsdp")))
+    depth = "full depth" if len(m["compiled_layers"]) == 1 else f"compiled at {m['compiled_layers']} layers, extrapolated"
+    lines = [
+        f"plan: {r['name']}",
+        f"  mesh     {m['mesh']} (preset {m['preset']}), {n} devices (fake CPU devices for the compile)",
+        f"  model    {m['params'] / 1e6:,.1f}M parameters, {mo['family']}, {mo['layers']} layers ({depth}), "
+        f"remat {mo['remat']}, {mo['dtype']} compute / {mo['param_dtype']} params",
+        f"  batch    {r['batch']} x {r['seq_len']} = {r['tokens']:,} tokens/step ({rows} rows per device"
+        + (f", {mo['grad_accum']} microbatches)" if mo["grad_accum"] > 1 else ")"),
+        f"  chip     {p['chip_source']}",
+        "",
+        "memory per device",
+        f"  parameters (sharded)                     {_gib(m['param_bytes'])}",
+        f"  optimizer state                          {_gib(m['opt_bytes'])}",
+        f"  batch                                    {_gib(m['batch_bytes'])}",
+        f"  activations, gradients, temporaries      {_gib(m['temp_bytes'])}   (XLA temp)",
+        f"  peak: arguments + outputs - donated + temp {_gib(p['peak_bytes'])}   of {p['usable_bytes'] / GIB:.2f} GiB "
+        f"usable -> {'fits' if p['fits'] else 'DOES NOT FIT'}",
+        "",
+        f"FLOPs per step: model {_si(m['model_flops'], 'FLOP')} ({_si(m['model_flops'] / n, 'FLOP')} per device); "
+        f"XLA matmuls {_si(m['dot_flops'], 'FLOP')} per device ({m['dot_flops'] * n / max(m['model_flops'], 1):.2f}x model)",
+        "",
+        "collectives per device per step   count     operands   ring link    time ms",
+    ]
+    for kind in _KINDS:
+        c = m["collectives"][kind]
+        if c["count"]:
+            lines.append(f"  {kind:<28}{c['count']:>9.0f}  {_gib(c['operand_bytes'])}  {_gib(c['link_bytes'])}"
+                         f"  {1e3 * p['comm_by_kind_s'][kind]:9.2f}")
+    if not any(m["collectives"][k]["count"] for k in _KINDS):
+        lines.append("  (none)")
+    lines += [
+        "",
+        f"prediction on {n} x {p['chip']}",
+        f"  compute   {1e3 * p['compute_s']:10.2f} ms   matmul FLOPs / peak (XLA's count: remat included)",
+        f"  memory    {1e3 * p['memory_s']:10.2f} ms   2 x temp + state in and out, once, / HBM bandwidth (a floor)",
+        f"  comm      {1e3 * p['comm_s']:10.2f} ms   ring link bytes / interconnect bandwidth",
+        f"  step      {1e3 * p['step_s']:10.2f} ms   roofline: the largest of the three, the rest overlapped",
+        f"  step      {1e3 * p['step_slow_s']:10.2f} ms   per op max(compute, HBM bytes) with XLA:CPU's fusion, + comm",
+        f"  MFU       {100 * p['mfu_slow']:.1f}% .. {100 * p['mfu']:.1f}%   "
+        f"tokens/s/chip {p['tokens_per_s_per_chip_slow']:,.0f} .. {p['tokens_per_s_per_chip']:,.0f}",
+    ]
+    if not p["fits"]:
+        lines += ["", f"WARNING: needs {p['peak_bytes'] / GIB:.2f} GiB per device, more than the "
+                      f"{p['usable_bytes'] / GIB:.2f} GiB usable on {p['chip']}."]
+        s = r.get("suggestion")
+        if s and s["fits"]:
+            lines.append(f"  try: {s['flags']}  -> {s['peak_bytes'] / GIB:.2f} GiB per device, predicted MFU "
+                         f"{100 * s['mfu']:.1f}%")
+        elif s:
+            lines.append(f"  even {s['flags']} needs {s['peak_bytes'] / GIB:.2f} GiB: use more chips, a smaller "
+                         "global batch or a smaller model")
+        else:
+            lines.append("  try a larger fsdp, model.remat=full or dots, or a smaller batch per device")
+    if r["notes"]:
+        lines += ["", "notes:"] + [f"  - {x}" for x in r["notes"]]
+    return "\n".join(lines)
+
+
+def _product(mesh: str, axes) -> int:
+    sizes = dict(part.strip().split("=") for part in mesh.split(" x "))
+    return math.prod(int(sizes[a]) for a in axes)
+
+
+def add_arguments(p) -> None:
+    """The `plan` subcommand's own flags (besides --config and --set)."""
+    p.add_argument("--mesh", help="mesh sizes, e.g. data=1,fsdp=8,tensor=2 (default: the config's)")
+    p.add_argument("--chip", default="cpu", help="v4, v5e, v5p, v6e, a100, h100, h200 or cpu (this host, measured)")
+    p.add_argument("--devices", type=int, help="chip count when the mesh has a -1 (fill) axis")
+    p.add_argument("--layers", type=int, help="compile at this depth and twice it, extrapolate to the model's")
+    p.add_argument("--no-suggest", action="store_true", help="when it does not fit, do not search for a change that fits")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def plan_cli(cfg, args) -> int:
+    """`transformer-jax plan`: the report for `cfg` (--config with --set) under --mesh; exit 1 if it does not fit."""
+    cfg = with_mesh(cfg, parse_mesh(args.mesh) if args.mesh else None)
+    result = plan(cfg, devices=args.devices, chip=args.chip, layers=args.layers, suggest=not args.no_suggest)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0 if result["prediction"]["fits"] else 1
+
+
+def _worker(request: str, output: str) -> int:
+    from transformer_jax.experiment import ExperimentConfig
+    r = json.loads(Path(request).read_text())
+    try:
+        cfg = ExperimentConfig.from_dict(r["config"])
+        result = run_plan(cfg, r["devices"], r["chip"], r["layers"], r["suggest"])
+    except ConfigError as e:
+        result = {"error": str(e)}
+    Path(output).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(*sys.argv[1:3]))
