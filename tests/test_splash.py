@@ -50,7 +50,7 @@ def _inputs(b, lq, lk, h, kh, d, seed=0):
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(b, lq, h, d)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(b, lk, kh, d)), jnp.float32) for _ in range(2))
-    seg = jnp.asarray(np.repeat([[1, 2, 3]], b, 0).repeat([100, 100, lq - 200], axis=1), jnp.int32)
+    seg = jnp.asarray(np.repeat([[1, 2, 3]], b, 0).repeat([lq // 3, lq // 3, lq - 2 * (lq // 3)], axis=1), jnp.int32)
     return q, k, v, seg
 
 
