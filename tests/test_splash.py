@@ -61,7 +61,7 @@ def _loss(fn):
 def test_interpreted_kernel_matches_xla_causal_packed_gqa_padded_head_dim():
     """GQA (4 query heads on 2 kv heads), head_dim 64 (zero-padded to 128), packed segments,
     causal, pre-scaled q; outputs and gradients against the einsum reference."""
-    q, k, v, seg = _inputs(1, 256, 256, 4, 2, 64)
+    q, k, v, seg = _inputs(1, 384, 384, 4, 2, 64)  # 3 x 3 blocks of 128: causal skipping across blocks
     scale = 0.3
     ref = lambda q, k, v: dot_product_attention(q, k, v, causal=True, q_segment_ids=seg, kv_segment_ids=seg,  # noqa: E731
                                                 scale=scale, implementation="xla")
