@@ -33,6 +33,7 @@ _ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|c64|c128|f8e
 # Ops in the loops of the `chunked` attention kernel (named scope "chunked_attention"): the
 # CPU stand-in for splash / cuDNN flash attention, whose tiles stay in VMEM / shared memory.
 _IN_KERNEL = re.compile(r"chunked_attention.*/while/")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
          "partition-id", "replica-id", "after-all", "iota", "opt-barrier", "custom-call"}
 
@@ -135,7 +136,7 @@ def _split_top(s: str) -> list[str]:
 
 
 def _parse_instr(line: str) -> tuple[Instr, bool] | None:
-    body = line.strip()
+    body = _COMMENT.sub("", line).strip()  # long operand lists carry /*index=5*/ markers
     root = body.startswith("ROOT ")
     body = body[5:] if root else body
     name, eq, rest = body.partition(" = ")

@@ -1,0 +1,254 @@
+"""`transformer-jax plan`: memory per device against the real sharded arrays, collective bytes
+against the DP / FSDP / TP formulas ("How to Scale Your Model", ch. 5), the HLO reader on
+hand-written programs, the prediction arithmetic, the fit warning and the CLI."""
+import dataclasses
+import math
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from transformer_jax.cli import main
+from transformer_jax.experiment import load_experiment
+from transformer_jax.hlo_analysis import analyze_hlo, group_size
+from transformer_jax.parallel import get_rules, make_mesh
+from transformer_jax.plan import format_plan, measure, parse_mesh, plan, predict
+from transformer_jax.train import make_train_setup
+from transformer_jax.train.hardware import CHIPS, get_chip
+
+jax.devices()  # backends up: plan() compiles in this process, on conftest's 8 fake devices
+
+B, L, D, LAYERS = 16, 128, 128, 2
+# f32 and untied embeddings, so every gradient is one array of the parameter's size.
+SMALL = ["data.tokenizer=byte", "model.vocab_size=512", f"model.d_model={D}", "model.num_heads=8", "model.d_ff=512",
+         f"model.num_layers={LAYERS}", "model.max_len=128", f"train.seq_len={L}", f"train.global_batch_size={B}",
+         "model.tie_embeddings=false", "model.dtype=float32"]
+
+
+def _cfg(preset, data=1, fsdp=1, tensor=1, extra=()):
+    return load_experiment("tiny", SMALL + [f"mesh.preset={preset}", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                                            f"mesh.tensor={tensor}", *extra])
+
+
+def _setup(cfg):
+    mesh = make_mesh(cfg.mesh)
+    return make_train_setup(cfg.model, cfg.optimizer, cfg.task, mesh, get_rules(cfg.mesh.preset), 10)
+
+
+def _param_bytes(setup, sharded_over=None, layers=None):
+    """Full (unsharded) bytes of the parameters, or of those split over mesh axis `sharded_over`;
+    layers=True/False: only those inside / outside the scanned layer stack."""
+    total = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(setup.abstract_state.params):
+        axes = {a for entry in x.sharding.spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+        in_stack = "layers" in jax.tree_util.keystr(path)
+        if (sharded_over is None or sharded_over in axes) and layers in (None, in_stack):
+            total += math.prod(x.shape) * x.dtype.itemsize
+    return total
+
+
+@pytest.fixture(scope="module")
+def measured():
+    cfgs = {"dp": _cfg("dp", data=8), "fsdp": _cfg("fsdp", fsdp=8), "tp": _cfg("tp", tensor=8)}
+    return {k: (cfg, measure(cfg, 8)) for k, cfg in cfgs.items()}
+
+
+def test_memory_per_device_matches_the_sharded_arrays():
+    cfg = _cfg("fsdp_tp", data=2, fsdp=2, tensor=2)
+    result = plan(cfg, chip="v5e")  # in process: this process has the 8 devices
+    m = result["measured"]
+    state = _setup(cfg).init_state()  # the real arrays, sharded from birth
+    dev = jax.devices()[0]
+
+    def on_device(tree):
+        return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
+
+    params, opt = on_device(state.params), on_device(state.opt_state)
+    assert m["param_bytes"] == pytest.approx(params, rel=0.1) and m["opt_bytes"] == pytest.approx(opt, rel=0.1)
+    assert params < _param_bytes(_setup(cfg)) / 2  # really sharded
+    # XLA's argument buffers are the state and this device's rows of the batch
+    actual_args = on_device(state) + m["batch_bytes"]
+    assert m["argument_bytes"] == pytest.approx(actual_args, rel=0.1)
+    assert result["prediction"]["peak_bytes"] >= m["argument_bytes"] + m["temp_bytes"] - m["alias_bytes"]
+
+
+def test_data_parallel_all_reduces_the_gradients_once(measured):
+    cfg, m = measured["dp"]
+    p = _param_bytes(_setup(cfg))
+    ar = m["collectives"]["all-reduce"]
+    assert ar["operand_bytes"] == pytest.approx(p, rel=0.03)  # every f32 gradient, + a few scalars
+    assert ar["link_bytes"] == pytest.approx(2 * 7 / 8 * ar["operand_bytes"])  # ring: 2 (n-1)/n x bytes
+    assert m["collectives"]["all-gather"]["count"] == m["collectives"]["reduce-scatter"]["count"] == 0
+
+
+def test_fsdp_gathers_params_twice_and_reduce_scatters_gradients(measured):
+    cfg, m = measured["fsdp"]
+    setup = _setup(cfg)
+    sharded = _param_bytes(setup, "fsdp")
+    replicated = _param_bytes(setup) - sharded
+    ag, rs, ar = (m["collectives"][k] for k in ("all-gather", "reduce-scatter", "all-reduce"))
+    # forward and backward each gather every layer's weights (2 x, the scan keeps no gathered copy);
+    # the embeddings outside the scan are gathered once and kept for the backward pass
+    stack, rest = _param_bytes(setup, "fsdp", layers=True), _param_bytes(setup, "fsdp", layers=False)
+    assert 8 * ag["operand_bytes"] == pytest.approx(2 * stack + rest, rel=0.05)
+    assert ag["link_bytes"] == pytest.approx(7 * ag["operand_bytes"])
+    # gradients: reduce-scattered (XLA:CPU's all-reduce + slice, counted as such), replicated ones all-reduced
+    assert rs["operand_bytes"] == pytest.approx(sharded, rel=0.05)
+    assert ar["operand_bytes"] == pytest.approx(replicated, rel=0.05, abs=4096)
+    assert m["sliced_all_reduces"] > 0
+
+
+def test_tensor_parallel_all_reduces_activations(measured):
+    cfg, m = measured["tp"]
+    act = B * L * D * 4  # one [batch, length, d_model] f32 activation (tensor=8: every device has all rows)
+    ar = m["collectives"]["all-reduce"]["operand_bytes"]
+    # Megatron's minimum is 4 per layer (2 forward, 2 backward). XLA reduces the q, k and v input
+    # gradients separately (3 instead of 1): 6 per layer; the vocab-split embedding and unembedding add 2.
+    assert ar == pytest.approx((6 * LAYERS + 2) * act, rel=0.05)
+    assert ar >= 4 * LAYERS * act
+    assert m["collectives"]["reduce-scatter"]["count"] == 0
+
+
+def test_prediction_is_the_stated_arithmetic(measured):
+    _, m = measured["dp"]
+    chip = CHIPS["v5p"]
+    p = predict(m, chip, devices=8, tokens=B * L)
+    assert p["compute_s"] == pytest.approx(max(m["dot_flops"], m["model_flops"] / 8) / chip.peak_flops)
+    assert p["memory_s"] == pytest.approx((2 * m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"])
+                                          / chip.hbm_bandwidth)
+    assert p["comm_s"] == pytest.approx(sum(c["link_bytes"] for c in m["collectives"].values()) / chip.link_bandwidth)
+    assert p["step_s"] == max(p["compute_s"], p["memory_s"], p["comm_s"]) <= p["step_slow_s"]
+    assert p["mfu"] == pytest.approx(m["model_flops"] / 8 / chip.peak_flops / p["step_s"])
+    assert 0 < p["mfu_slow"] <= p["mfu"] <= 1.0 + 1e-9
+    assert p["tokens_per_s_per_chip"] == pytest.approx(B * L / p["step_s"] / 8)
+    tiny = dataclasses.replace(chip, hbm_bytes=p["peak_bytes"] / 2)
+    assert p["fits"] and not predict(m, tiny, 8, B * L)["fits"]
+
+
+def test_report_warns_when_it_does_not_fit(measured):
+    cfg, m = measured["dp"]
+    small = dataclasses.replace(CHIPS["v5e"], hbm_bytes=m["temp_bytes"] / 2)
+    result = dict(name="x", devices=8, tokens=B * L, batch=B, seq_len=L, notes=["a note"], suggestion=None,
+                  model=dict(family="decoder", layers=LAYERS, remat="none", dtype="float32", param_dtype="float32",
+                             grad_accum=1), measured=m, prediction=predict(m, small, 8, B * L))
+    text = format_plan(result)
+    assert "DOES NOT FIT" in text and "WARNING" in text and "remat" in text and "a note" in text
+    result["prediction"] = predict(m, CHIPS["v5e"], 8, B * L)
+    assert "DOES NOT FIT" not in format_plan(result) and "all-reduce" in format_plan(result)
+
+
+HLO = """HloModule m
+
+%body (p: (s32[], f32[64,32])) -> (s32[], f32[64,32]) {
+  %p = (s32[], f32[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[64,32]{1,0} get-tuple-element(%p), index=1
+  %w = f32[32,32]{1,0} constant({...})
+  %d = f32[64,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ag = f32[64,128]{1,0} all-gather(%d), channel_id=1, replica_groups=[2,4]<=[8], dimensions={1}
+  %s = f32[64,32]{1,0} slice(%ag), slice={[0:64], [0:32]}
+  ROOT %t = (s32[], f32[64,32]{1,0}) tuple(%i, %s)
+}
+
+%cond (c: (s32[], f32[64,32])) -> pred[] {
+  %c = (s32[], f32[64,32]{1,0}) parameter(0)
+  %n = s32[] get-tuple-element(%c), index=0
+  %k = s32[] constant(5)
+  ROOT %lt = pred[] compare(%n, %k), direction=LT
+}
+
+ENTRY %main (a: f32[64,32], b: f32[16]) -> (f32[64,32], f32[4], f32[16]) {
+  %a = f32[64,32]{1,0} parameter(0)
+  %b = f32[16]{0} parameter(1)
+  %z = s32[] constant(0)
+  %init = (s32[], f32[64,32]{1,0}) tuple(%z, %a)
+  %loop = (s32[], f32[64,32]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %out = f32[64,32]{1,0} get-tuple-element(%loop), index=1
+  %pid = s32[] partition-id()
+  %ar = (f32[16]{0}, f32[16]{0}) all-reduce(%b, /*index=1*/%b), channel_id=2, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %g0 = f32[16]{0} get-tuple-element(%ar), index=0
+  %g1 = f32[16]{0} get-tuple-element(%ar), index=1
+  %slice = f32[4]{0} dynamic-slice(%g0, %pid), dynamic_slice_sizes={4}
+  ROOT %r = (f32[64,32]{1,0}, f32[4]{0}, f32[16]{0}) tuple(%out, %slice, %g1)
+}
+"""
+
+
+def test_hlo_reader_counts_loops_groups_and_sliced_all_reduces():
+    s = analyze_hlo(HLO, num_devices=8)
+    assert s.loops == {"body": 3} and not s.unknown_loops
+    assert s.dot_flops == 3 * 2 * 64 * 32 * 32  # trip count x 2 x output x contracted
+    ag = s.collectives["all-gather"]
+    assert ag.count == 3 and ag.operand_bytes == 3 * 64 * 32 * 4 and ag.link_bytes == 3 * 3 * 64 * 32 * 4
+    # the all-reduce tuple: element 0 is only sliced (-> reduce-scatter), element 1 is used whole
+    assert s.sliced_all_reduces == 1
+    assert s.collectives["reduce-scatter"].operand_bytes == 64 and s.collectives["all-reduce"].operand_bytes == 64
+    assert s.collectives["all-reduce"].link_bytes == 2 * 64 * 3 / 4
+    unknown = analyze_hlo(HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', ""), 8)
+    assert unknown.loops == {"body": 5}  # from the condition's compare(i, 5)
+
+
+def test_group_size_formats():
+    assert group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, x", 8) == 4
+    assert group_size("replica_groups=mesh['a'=2,'b'=2,'c'=2] {'a','c'}", 8) == 4
+    assert group_size("replica_groups=[4,2]<=[8]", 8) == 2
+    assert group_size("replica_groups={{0,1,2,3,4,5,6,7}}", 8) == 8
+    assert group_size("replica_groups={}", 8) == 8
+
+
+def test_parse_mesh_and_errors():
+    assert parse_mesh("data=2, fsdp=4,tensor=1") == {"data": 2, "fsdp": 4, "tensor": 1}
+    for bad in ("data2", "pipeline=2", "data=x"):
+        with pytest.raises(ValueError, match="axis=size"):
+            parse_mesh(bad)
+    with pytest.raises(ValueError, match="unknown"):
+        get_chip("tpu9")
+
+
+def test_cli_compiles_in_a_subprocess_with_the_mesh_device_count():
+    # 4 devices != this process's 8: the compile runs in a child started with 4 CPU devices
+    r = subprocess.run([sys.executable, "-m", "transformer_jax", "plan", "--config", "tiny", "--mesh", "data=2,fsdp=2",
+                        "--chip", "h100"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in ("data=2 x fsdp=2 x tensor=1", "4 devices", "parameters (sharded)", "optimizer state",
+                 "all-gather", "prediction on 4 x h100", "MFU", "-> fits"):
+        assert line in r.stdout, (line, r.stdout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mesh", "data=3"], "not divisible"),  # batch 8 over 3 rows (raised in the compiling child)
+    (["--chip", "tpu9"], "--chip 'tpu9' is unknown"),
+    (["--mesh", "data=-1"], "--devices"),
+    (["--mesh", "data=2,fsdp=2", "--devices", "8"], "needs 4 devices"),
+])
+def test_cli_errors_are_one_line(args, message, capsys):
+    assert main(["plan", "--config", "tiny", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_suggestion_is_a_change_that_fits():
+    """22 GiB of activations per v5e (16 GiB): plan finds remat=dots, and planning that fits."""
+    over = ["model.vocab_size=1024", "model.d_model=1024", "model.d_ff=4096", "model.num_layers=8",
+            "model.max_len=1024", "train.seq_len=1024", "train.global_batch_size=128", "mesh.data=8",
+            "model.num_heads=8"]
+    cfg = load_experiment("tiny", SMALL + over)
+    r = plan(cfg, chip="v5e")
+    assert not r["prediction"]["fits"] and r["suggestion"]["fits"]
+    assert r["suggestion"]["flags"] == "--set model.remat=dots"
+    assert plan(cfg.apply_overrides(["model.remat=dots"]), chip="v5e", suggest=False)["prediction"]["fits"]
+
+
+@pytest.mark.slow
+def test_layer_extrapolation_matches_the_full_compile():
+    cfg = _cfg("fsdp", fsdp=8, extra=["model.num_layers=6"])
+    full, scaled = measure(cfg, 8), measure(cfg, 8, layers=2)
+    assert scaled["compiled_layers"] == [2, 4] and full["compiled_layers"] == [6]
+    for key in ("param_bytes", "opt_bytes", "temp_bytes", "dot_flops", "argument_bytes"):
+        assert scaled[key] == pytest.approx(full[key], rel=0.05), key
+    for kind in ("all-gather", "reduce-scatter"):
+        np.testing.assert_allclose(scaled["collectives"][kind]["link_bytes"], full["collectives"][kind]["link_bytes"],
+                                   rtol=0.05)
