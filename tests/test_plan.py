@@ -16,7 +16,8 @@ from transformer_jax.hlo_analysis import analyze_hlo, group_size
 from transformer_jax.parallel import get_rules, make_mesh
 from transformer_jax.plan import format_plan, measure, parse_mesh, plan, predict
 from transformer_jax.train import make_train_setup
-from transformer_jax.train.hardware import CHIPS, get_chip
+from transformer_jax.train.hardware import (CHIPS, chip_for_device_kind, get_chip, measured_matmul_peak,
+                                              peak_flops_per_device)
 
 jax.devices()  # backends up: plan() compiles in this process, on conftest's 8 fake devices
 
@@ -72,6 +73,9 @@ def test_memory_per_device_matches_the_sharded_arrays():
     actual_args = on_device(state) + m["batch_bytes"]
     assert m["argument_bytes"] == pytest.approx(actual_args, rel=0.1)
     assert result["prediction"]["peak_bytes"] >= m["argument_bytes"] + m["temp_bytes"] - m["alias_bytes"]
+    # weights are gathered within fsdp x tensor groups (4 devices), never across data replicas
+    ag = m["collectives"]["all-gather"]
+    assert ag["count"] > 0 and ag["operand_bytes"] <= ag["link_bytes"] <= 3 * ag["operand_bytes"]
 
 
 def test_data_parallel_all_reduces_the_gradients_once(measured):
@@ -193,6 +197,7 @@ def test_hlo_reader_counts_loops_groups_and_sliced_all_reduces():
 def test_group_size_formats():
     assert group_size("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, x", 8) == 4
     assert group_size("replica_groups=mesh['a'=2,'b'=2,'c'=2] {'a','c'}", 8) == 4
+    assert group_size("replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}", 8) == 4
     assert group_size("replica_groups=[4,2]<=[8]", 8) == 2
     assert group_size("replica_groups={{0,1,2,3,4,5,6,7}}", 8) == 8
     assert group_size("replica_groups={}", 8) == 8
@@ -231,15 +236,18 @@ def test_cli_errors_are_one_line(args, message, capsys):
 
 @pytest.mark.slow
 def test_suggestion_is_a_change_that_fits():
-    """22 GiB of activations per v5e (16 GiB): plan finds remat=dots, and planning that fits."""
+    """22 GiB of activations per v5e (16 GiB): plan suggests remat=dots (possibly with more
+    microbatches), and planning with exactly those flags fits."""
     over = ["model.vocab_size=1024", "model.d_model=1024", "model.d_ff=4096", "model.num_layers=8",
             "model.max_len=1024", "train.seq_len=1024", "train.global_batch_size=128", "mesh.data=8",
             "model.num_heads=8"]
     cfg = load_experiment("tiny", SMALL + over)
     r = plan(cfg, chip="v5e")
     assert not r["prediction"]["fits"] and r["suggestion"]["fits"]
-    assert r["suggestion"]["flags"] == "--set model.remat=dots"
-    assert plan(cfg.apply_overrides(["model.remat=dots"]), chip="v5e", suggest=False)["prediction"]["fits"]
+    flags = r["suggestion"]["flags"].split()
+    assert flags[0::2] == ["--set"] * (len(flags) // 2) and "model.remat=dots" in flags  # the cheapest change
+    again = plan(cfg.apply_overrides(flags[1::2]), chip="v5e", suggest=False)
+    assert again["prediction"]["fits"] and again["prediction"]["peak_bytes"] == r["suggestion"]["peak_bytes"]
 
 
 @pytest.mark.slow
@@ -252,3 +260,21 @@ def test_layer_extrapolation_matches_the_full_compile():
     for kind in ("all-gather", "reduce-scatter"):
         np.testing.assert_allclose(scaled["collectives"][kind]["link_bytes"], full["collectives"][kind]["link_bytes"],
                                    rtol=0.05)
+
+
+@pytest.mark.parametrize("kind,chip", [("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v5p", "v5p"),
+                                       ("TPU v6 lite", "v6e"), ("TPU v4", "v4"), ("NVIDIA H100 80GB HBM3", "h100"),
+                                       ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H200", "h200"),
+                                       ("NVIDIA A100-SXM4-80GB", "a100"), ("cpu", None)])
+def test_device_kinds_map_to_chips(kind, chip):
+    found = chip_for_device_kind(kind)
+    assert (found and found.name) == chip
+    if found:
+        assert found.peak_flops > 1e14 and found.hbm_bytes >= 16 * 2 ** 30 and found.link_bandwidth > 0
+
+
+def test_mfu_peak_on_cpu_is_the_measured_host_split_over_devices():
+    peak, source = peak_flops_per_device()  # what the trainer divides by for MFU
+    assert "measured" in source and peak == pytest.approx(measured_matmul_peak() / jax.local_device_count())
+    cpu = get_chip("cpu", 8)
+    assert cpu.peak_flops == pytest.approx(peak) and cpu.hbm_bytes > 0 and cpu.hbm_bandwidth > 0

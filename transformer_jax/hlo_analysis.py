@@ -206,8 +206,9 @@ def _trip_count(instr: Instr, comps: dict[str, Computation]) -> int | None:
 
 
 def group_size(attrs: str, num_devices: int) -> int:
-    """Devices per replica group: `{{0,1},{2,3}}`, iota `[2,4]<=[8]` or `mesh[...] {'axis'}`."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    """Devices per replica group: `{{0,1},{2,3}}`, iota `[2,4]<=[8]` or `mesh[...] {'axis'}`
+    (optionally `mesh[...], device_ids=([2,4]T(1,0)) {'axis'}`)."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)  # may carry device_ids=(...)
     if m:
         sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
         return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))

@@ -211,26 +211,30 @@ def predict(m: dict, chip, devices: int, tokens: int) -> dict:
 
 
 def candidates(cfg, devices: int) -> list[tuple[str, object]]:
-    """Changes that lower memory per device, cumulative, cheapest first."""
-    out, cur = [], cfg
-    if cfg.model.remat == "none":
-        out.append(("--set model.remat=dots", cfg.apply_overrides(["model.remat=dots"])))
-    if cfg.model.remat != "full":
-        cur = cfg.apply_overrides(["model.remat=full"])
-        out.append(("--set model.remat=full", cur))
+    """Changes that lower memory per device, roughly cheapest first: remat of non-matmuls
+    (no extra FLOPs), microbatches (more FSDP gathers), all of data into fsdp, full remat
+    (a third more FLOPs), and combinations."""
     mc = mesh_cfg_of(cfg, devices)
-    flag = "--set model.remat=full" if cfg.model.remat != "full" else ""
-    if mc.data > 1:
-        preset = "fsdp_tp" if mc.tensor > 1 else "fsdp"
-        mesh = f"data=1,fsdp={mc.data * mc.fsdp},tensor={mc.tensor}"
-        cur = cur.apply_overrides(["mesh.data=1", f"mesh.fsdp={mc.data * mc.fsdp}", f"mesh.preset={preset}"])
-        flag = f"{flag} --mesh {mesh} --set mesh.preset={preset}".strip()
-        out.append((flag, cur))
     rows = cfg.train.global_batch_size // (mc.data * mc.fsdp)
-    for k in (2, 4, 8):
-        if rows % k == 0 and rows // k >= 1:
-            nxt = cur.apply_overrides([f"optimizer.grad_accum_steps={k * cur.optimizer.grad_accum_steps}"])
-            out.append((f"{flag} --set optimizer.grad_accum_steps={k * cur.optimizer.grad_accum_steps}".strip(), nxt))
+    accum = cfg.optimizer.grad_accum_steps
+    steps = {}
+    if cfg.model.remat == "none":
+        steps["dots"] = ["model.remat=dots"]
+    for k in (2, 4):
+        if rows % (k * accum) == 0:
+            steps[f"accum{k}"] = [f"optimizer.grad_accum_steps={k * accum}"]
+    if mc.data > 1:
+        steps["fsdp"] = ["mesh.data=1", f"mesh.fsdp={mc.data * mc.fsdp}",
+                         f"mesh.preset={'fsdp_tp' if mc.tensor > 1 else 'fsdp'}"]
+    if cfg.model.remat != "full":
+        steps["full"] = ["model.remat=full"]
+    order = [["dots"], ["accum2"], ["fsdp"], ["dots", "accum2"], ["accum4"], ["full"], ["full", "accum2"],
+             ["full", "fsdp"], ["full", "accum4"], ["full", "fsdp", "accum4"]]
+    out = []
+    for combo in order:
+        if all(c in steps for c in combo):
+            over = [o for c in combo for o in steps[c]]
+            out.append((" ".join(f"--set {o}" for o in over), cfg.apply_overrides(over)))
     return out
 
 
@@ -246,16 +250,26 @@ def run_plan(cfg, devices: int, chip_name: str, layers: int | None = None, sugge
                   grad_accum=cfg.optimizer.grad_accum_steps), measured=m, prediction=predict(m, chip, devices, tokens),
                   notes=_notes(cfg, m, chip, devices), suggestion=None)
     if suggest and not result["prediction"]["fits"]:
-        for flags, alt in candidates(cfg, devices):
-            try:
-                am = measure(alt, devices, layers)
-            except ConfigError:
-                continue
-            p = predict(am, chip, devices, tokens)
-            result["suggestion"] = dict(flags=flags, peak_bytes=p["peak_bytes"], fits=p["fits"], mfu=p["mfu"])
-            if p["fits"]:
-                break
+        result["suggestion"] = _search(cfg, devices, layers, chip, tokens)
     return result
+
+
+def _search(cfg, devices, layers, chip, tokens, max_compiles: int = 5) -> dict | None:
+    """Compiles candidates until two fit (or `max_compiles`); the fitting one predicted fastest
+    wins, else the one that needs the least memory."""
+    tried = []
+    for flags, alt in candidates(cfg, devices)[:max_compiles]:
+        try:
+            p = predict(measure(alt, devices, layers), chip, devices, tokens)
+        except ConfigError:
+            continue
+        tried.append(dict(flags=flags, peak_bytes=p["peak_bytes"], fits=p["fits"], mfu=p["mfu"], step_s=p["step_s"]))
+        if sum(t["fits"] for t in tried) == 2:
+            break
+    fitting = [t for t in tried if t["fits"]]
+    if fitting:
+        return min(fitting, key=lambda t: t["step_s"])
+    return min(tried, key=lambda t: t["peak_bytes"]) if tried else None
 
 
 def _notes(cfg, m, chip, devices) -> list[str]:
