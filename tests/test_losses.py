@@ -106,7 +106,37 @@ def test_task_and_model_must_match():
     (dict(label_smoothing=1.0), r"^task.label_smoothing=1.0 must be in \[0, 1\)$"),
     (dict(task="clm"), r"^TaskConfig.task='clm' is not one of 'lm', 'mlm', 'span', 'seq2seq', 'classify'$"),
     (dict(on_nonfinite="ignore"), r"^TaskConfig.on_nonfinite='ignore' is not one of 'skip', 'halt'$"),
+    (dict(loss_chunk=-1), r"^task.loss_chunk=-1 must be >= 0 \(0: whole logits\)$"),
 ])
 def test_config_errors_are_one_line(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         TaskConfig(**kwargs)
+
+
+# -- the fused, chunked output layer + loss equals the whole-logits one -----------------------
+
+@pytest.mark.parametrize("task,name,extra", [
+    ("lm", "llama-tiny", dict(tie_embeddings=False)),  # untied output layer
+    ("span", "t5-tiny", {}),  # tied, logits scaled by d_model^-0.5 (seq2seq is the same path)
+])
+def test_fused_chunked_loss_equals_whole_logits(task, name, extra):
+    from transformer_jax.train.losses import batch_loss_sums
+    cfg = get_config(name, **extra)
+    model = build_model(cfg)
+    batch = synthetic_batch(task, 4, 20, cfg.vocab_size)  # 20 positions: chunks of 8 leave a padded tail
+    args, kw = model_inputs(init_inputs(task, 4, 8), task)
+    params = jax.jit(lambda: model.init(jax.random.key(0), *args, **kw))()["params"]
+    results = {}
+    for chunk in (0, 8):
+        task_cfg = TaskConfig(task=task, loss_chunk=chunk, z_loss=1e-2, label_smoothing=0.1)
+
+        def loss(p, b, task_cfg=task_cfg):
+            sums = batch_loss_sums(model, p, b, task_cfg)
+            return sums["loss"], sums
+        results[chunk] = jax.device_get(jax.jit(jax.grad(loss, has_aux=True))(params, batch))
+    (g_whole, s_whole), (g_fused, s_fused) = results[0], results[8]
+    for k in s_whole:
+        np.testing.assert_allclose(s_fused[k], s_whole[k], rtol=1e-5, err_msg=k)
+    scale = max(np.abs(x).max() for x in jax.tree.leaves(g_whole))  # key-bias gradients are float noise
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)

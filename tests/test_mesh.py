@@ -88,8 +88,8 @@ def test_global_batch_and_heads_must_divide_the_mesh():
 
 
 def test_distributed_environment_detection(monkeypatch):
-    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES",
-                "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS"):
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE",
+                "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
     assert mesh_lib._distributed_env() is None
     assert mesh_lib.maybe_initialize_distributed(MeshConfig()) is False  # one process: nothing to do
@@ -103,5 +103,15 @@ def test_distributed_environment_detection(monkeypatch):
     assert mesh_lib._distributed_env() == "tpu"
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
     assert mesh_lib._distributed_env() is None  # a single-host TPU VM
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert mesh_lib._distributed_env() == "openmpi"
+    assert mesh_lib._env_triple() is None
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "x")
+    with pytest.raises(ConfigError, match=r"^JAX_NUM_PROCESSES='4' and JAX_PROCESS_ID='x' must be integers$"):
+        mesh_lib._env_triple()
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert mesh_lib._env_triple() == ("10.0.0.1:1234", 4, 3)
     assert mesh_lib.maybe_initialize_distributed(MeshConfig(distributed="off")) is False
     assert jax.process_count() == 1

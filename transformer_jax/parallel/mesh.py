@@ -34,8 +34,9 @@ class MeshConfig(Config):
     fsdp: int = 1
     tensor: int = 1
     preset: str = "fsdp_tp"  # logical-axis rules (parallel/rules.py); fsdp_tp uses every axis given a size > 1
-    # Multi-host. "auto": initialise jax.distributed when coordinator_address is set or the
-    # environment is a multi-host TPU or a SLURM job of several tasks; "off": never.
+    # Multi-host. "auto": initialise jax.distributed when coordinator_address is set (or the
+    # environment sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or the job is
+    # a multi-host TPU, a SLURM job of several tasks or an Open MPI run; "off": never.
     distributed: Literal["auto", "off"] = "auto"
     coordinator_address: str | None = None  # "host:port" of process 0
     num_processes: int | None = None
@@ -133,15 +134,27 @@ def check_batch(global_batch: int, mesh: Mesh) -> None:
 # -- multi-host -------------------------------------------------------------------------
 
 def _distributed_env() -> str | None:
-    """Which cluster environment this process runs in, if it spans several hosts."""
-    if int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1")) or 1) > 1 and "SLURM_JOB_ID" in os.environ:
+    """Which multi-process launcher this process runs under, if any (jax reads the rest)."""
+    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_NPROCS", "1"))) > 1:
         return "slurm"
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "openmpi"
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in hosts.split(",") if h]) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
         return "tpu"
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        return "env"
     return None
+
+
+def _env_triple() -> tuple[str, int, int] | None:
+    """JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, when a launcher sets all three."""
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    if not all(n in os.environ for n in names):
+        return None
+    try:
+        return os.environ[names[0]], int(os.environ[names[1]]), int(os.environ[names[2]])
+    except ValueError:
+        raise ConfigError(f"JAX_NUM_PROCESSES={os.environ[names[1]]!r} and JAX_PROCESS_ID={os.environ[names[2]]!r} "
+                          "must be integers") from None
 
 
 def _already_initialized() -> bool:
@@ -158,9 +171,11 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> bool:
         return True
     if cfg.distributed == "off":
         return False
-    if cfg.coordinator_address is not None:
-        log.info("jax.distributed.initialize(%s, %d, %d)", cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    explicit = ((cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+                if cfg.coordinator_address is not None else _env_triple())
+    if explicit is not None:
+        log.info("jax.distributed.initialize(%s, %d, %d)", *explicit)
+        jax.distributed.initialize(*explicit)
         return True
     env = _distributed_env()
     if env is None:

@@ -25,6 +25,7 @@ Task = Literal["lm", "mlm", "span", "seq2seq", "classify"]
 FAMILY = {"lm": "decoder", "mlm": "encoder", "classify": "encoder", "span": "encoder_decoder",
           "seq2seq": "encoder_decoder"}
 SUMS = ("loss", "nll", "correct", "tokens", "z_loss")
+FUSED_TASKS = ("lm", "span", "seq2seq")  # heads whose logits are Embedder.logits (no bias after)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +34,17 @@ class TaskConfig(Config):
     z_loss: float = 0.0  # coefficient of log(Z)^2 per target (PaLM: 1e-4); keeps logits from drifting
     label_smoothing: float = 0.0  # mass spread uniformly over the vocabulary (or classes)
     on_nonfinite: Literal["skip", "halt"] = "skip"  # a non-finite loss or gradient: skip the update, or also halt
+    # lm/span/seq2seq: output layer + loss fused, this many positions at a time, never the whole
+    # [B, L, V] logits (train/fused_loss.py); 0: whole logits. Same numbers, less memory and time.
+    loss_chunk: int = 128
 
     def validate(self) -> None:
         if self.z_loss < 0:
             raise ConfigError(f"task.z_loss={self.z_loss} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"task.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"task.loss_chunk={self.loss_chunk} must be >= 0 (0: whole logits)")
 
     def check_model(self, family: str) -> None:
         if FAMILY[self.task] != family:
@@ -99,7 +105,16 @@ def forward(model: Any, params: Any, batch: dict[str, jax.Array], task: str, *, 
 
 def batch_loss_sums(model: Any, params: Any, batch: dict[str, jax.Array], cfg: TaskConfig, *,
                     deterministic: bool = True, rngs: dict | None = None) -> dict[str, jax.Array]:
-    """`cross_entropy_sums` of the model's predictions on `batch` (see module docstring)."""
+    """The loss sums of the model's predictions on `batch` (see module docstring), with the
+    output layer fused into the loss when `cfg.loss_chunk` applies to the task."""
+    if cfg.loss_chunk and cfg.task in FUSED_TASKS:
+        from transformer_jax.train.fused_loss import fused_cross_entropy_sums, hidden_and_output_weight
+        args, kw = model_inputs(batch, cfg.task)
+        h, w = hidden_and_output_weight(model, {"params": params}, *args, **kw, deterministic=deterministic,
+                                        rngs=rngs)
+        targets, weights = labels(batch, cfg.task)
+        return fused_cross_entropy_sums(h, w, targets, weights, cfg.loss_chunk, cfg.z_loss, cfg.label_smoothing,
+                                        jnp.dtype(model.config.dtype))
     logits, targets, weights = forward(model, params, batch, cfg.task, deterministic=deterministic, rngs=rngs)
     return cross_entropy_sums(logits, targets, weights, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
 

@@ -31,7 +31,7 @@ from transformer_jax.models import ModelConfig, build_model
 from transformer_jax.parallel.partition import check_divisible, logical_shardings
 from transformer_jax.parallel.rules import Rules
 from transformer_jax.train.flops import train_flops
-from transformer_jax.train.losses import SUMS, TaskConfig, cross_entropy_sums, init_inputs, labels, model_inputs
+from transformer_jax.train.losses import SUMS, TaskConfig, batch_loss_sums, init_inputs, model_inputs
 from transformer_jax.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from transformer_jax.train.state import TrainState
 
@@ -143,12 +143,8 @@ class TrainSetup:
 
     def _sums(self, params, batch, key) -> dict[str, jax.Array]:
         train = key is not None and self.model_cfg.dropout_rate > 0
-        args, kw = model_inputs(batch, self.task_cfg.task)
-        logits = self.model.apply({"params": params}, *args, **kw, deterministic=not train,
-                                  rngs={"dropout": key} if train else None)
-        targets, weights = labels(batch, self.task_cfg.task)
-        return cross_entropy_sums(logits, targets, weights, z_loss=self.task_cfg.z_loss,
-                                  label_smoothing=self.task_cfg.label_smoothing)
+        return batch_loss_sums(self.model, params, batch, self.task_cfg, deterministic=not train,
+                               rngs={"dropout": key} if train else None)
 
     def _grads(self, params, batch, key) -> tuple[Any, dict[str, jax.Array]]:
         """Gradients of the summed loss and the sums, over `grad_accum_steps` microbatches."""

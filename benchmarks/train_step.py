@@ -1,0 +1,351 @@
+"""Train-step benchmark on the DESIGN.md bench model (decoder LM, 6 x 512, 8 heads, mlp 2048,
+vocab 32768, seq 512, global batch 8 = 4,096 tokens, 953.5 GFLOP/step).
+
+    .venv/bin/python benchmarks/train_step.py --only peak,step,flax     # one device (~10 min on 2 cores)
+    .venv/bin/python benchmarks/train_step.py --only breakdown          # where the step's time goes
+    .venv/bin/python benchmarks/train_step.py --only compile            # 6 / 24 layers, scan or not
+    .venv/bin/python benchmarks/train_step.py --only presets --devices 8   # 8 fake devices
+
+Sections print markdown tables. The machine is shared: the step table times its variants
+round-robin (one step of each in turn, after a warm-up round) and reports the fastest and
+the median step plus the CPU seconds a step consumed (user + system, what other load
+changes least); tokens/s and % of peak use the fastest step. The matmul peak is measured
+in the same process, before and after. Throughput counts every position (4,096
+tokens/step); model FLOPs follow train/flops.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+
+ARGS = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ARGS.add_argument("--only", default="peak,step,flax", help="comma list: peak,step,breakdown,compile,presets,flax")
+ARGS.add_argument("--devices", type=int, default=1, help="fake CPU devices (8 for presets)")
+ARGS.add_argument("--steps", type=int, default=3, help="timed steps per row")
+ARGS.add_argument("--variants", default="f32,f32-whole-logits,f32-unrolled,f32-remat-dots,bf16,bf16-plain-dots",
+                  help="rows of the step table (see VARIANTS)")
+args = ARGS.parse_args()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", args.devices)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transformer_jax.models import get_config  # noqa: E402
+from transformer_jax.parallel import MeshConfig, get_rules, make_mesh  # noqa: E402
+from transformer_jax.train import OptimizerConfig, TaskConfig, make_train_setup, synthetic_batch  # noqa: E402
+from transformer_jax.train.flops import train_flops  # noqa: E402
+
+B, L, V = 8, 512, 32768
+BATCH = synthetic_batch("lm", B, L, V, fill=1.0)
+FLOPS = train_flops(get_config("bench"), "lm", BATCH)
+OPTIM = OptimizerConfig(learning_rate=3e-4, warmup_steps=10)
+PEAK: dict[str, float] = {}
+
+
+def timed(fn, n: int) -> tuple[float, list[float]]:
+    """(median seconds, all) of n calls after one warm-up; fn must block."""
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), ts
+
+
+def section(title: str):
+    load = os.getloadavg()[0]
+    print(f"\n## {title}  (load average {load:.1f} on {os.cpu_count()} cores)\n", flush=True)
+
+
+# -- matmul peak ---------------------------------------------------------------------------
+
+def peak():
+    section("jitted matmul peak, 2048^3")
+    print("| inputs -> accumulate/output | GFLOP/s |\n|---|---|")
+    n = 2048
+    x = np.random.default_rng(0).standard_normal((n, n), np.float32)
+    for name, dt, acc in [("f32", jnp.float32, jnp.float32), ("bf16-f32acc", jnp.bfloat16, jnp.float32),
+                          ("bf16", jnp.bfloat16, jnp.bfloat16)]:
+        a = jnp.asarray(x, dt)
+        f = jax.jit(lambda a, b, acc=acc: jax.lax.dot(a, b, preferred_element_type=acc))
+        med, _ = timed(lambda: f(a, a).block_until_ready(), 5)
+        PEAK[name] = 2 * n ** 3 / med
+        print(f"| {name} | {PEAK[name] / 1e9:.0f} |", flush=True)
+
+
+# -- our step on one device ------------------------------------------------------------------
+
+def _plain_bf16_dots(enable: bool):
+    """Variant: bf16 x bf16 -> bf16 dots (no f32 accumulation request) in Dense and the tied logits."""
+    from transformer_jax.layers import dense, embeddings
+    if not hasattr(dense, "_original_matmul"):
+        dense._original_matmul = dense.matmul
+
+    def plain(x, w, n_contract, dtype):
+        x, w = x.astype(dtype), w.astype(dtype)
+        dims = (tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract)))
+        return jax.lax.dot_general(x, w, (dims, ((), ())))
+
+    fn = plain if enable else dense._original_matmul
+    dense.matmul = fn
+    if hasattr(embeddings, "matmul"):
+        embeddings.matmul = fn
+
+
+VARIANTS = {  # name -> (model overrides, task overrides, plain bf16 dots)
+    "f32": (dict(), dict(), False),
+    "f32-whole-logits": (dict(), dict(loss_chunk=0), False),
+    "f32-chunk-64": (dict(), dict(loss_chunk=64), False),
+    "f32-chunk-256": (dict(), dict(loss_chunk=256), False),
+    "f32-unrolled": (dict(scan_layers=False), dict(), False),
+    "f32-remat-dots": (dict(remat="dots"), dict(), False),
+    "f32-remat-full": (dict(remat="full"), dict(), False),
+    "bf16": (dict(dtype="bfloat16"), dict(), False),
+    "bf16-whole-logits": (dict(dtype="bfloat16"), dict(loss_chunk=0), False),
+    "bf16-plain-dots": (dict(dtype="bfloat16"), dict(), True),
+}
+
+
+def one_device_setup(layers=6, mesh=None, preset="fsdp_tp", task=None, **overrides):
+    cfg = get_config("bench", num_layers=layers, **overrides)
+    mesh = mesh or make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    return make_train_setup(cfg, OPTIM, TaskConfig(task="lm", **(task or {})), mesh, get_rules(preset),
+                            total_steps=1000)
+
+
+def run_steps(setup, n):
+    state = setup.init_state()
+    batch = jax.device_put(BATCH, setup.batch_sharding)
+    box = [state]
+
+    def step():
+        box[0], m = setup.train_step(box[0], batch)
+        jax.block_until_ready(m)
+    med, ts = timed(step, n)
+    return med, ts
+
+
+def step_table():
+    """Variants are compiled first, then timed round-robin (one step of each in turn), so a
+    change of load on the shared machine hits every row alike."""
+    section("train step, one device (bench model, AdamW, f32 params)")
+    names = args.variants.split(",")
+    rows, compile_s, plain_of = {}, {}, {}
+    for name in names:
+        overrides, task, plain = VARIANTS[name]
+        _plain_bf16_dots(plain)
+        setup = one_device_setup(task=task, **overrides)
+        t = time.perf_counter()
+        setup.compiled_train_step(BATCH)  # traced with the variant's matmul: the executable keeps it
+        compile_s[name], plain_of[name] = time.perf_counter() - t, plain
+        _plain_bf16_dots(False)
+        rows[name] = (setup, [setup.init_state()], jax.device_put(BATCH, setup.batch_sharding))
+    times = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for i in range(args.steps + 1):
+        for name, (setup, box, batch) in rows.items():
+            r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            box[0], m = setup.train_step(box[0], batch)
+            jax.block_until_ready(m)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            if i:  # the first round is the warm-up
+                times[name].append(time.perf_counter() - t)
+                cpu[name].append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    print("| variant | compile s | step s: min / median | CPU s/step | tokens/s (min) | model GFLOP/s (min) "
+          "| % of its matmul peak |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        best, med = min(times[name]), statistics.median(times[name])
+        peak_name = "f32" if name.startswith("f32") else ("bf16" if plain_of[name] else "bf16-f32acc")
+        pct = f"{100 * FLOPS / best / PEAK[peak_name]:.0f}% ({peak_name})" if peak_name in PEAK else "-"
+        print(f"| {name} | {compile_s[name]:.0f} | {best:.2f} / {med:.2f} | {statistics.median(cpu[name]):.1f} | "
+              f"{B * L / best:,.0f} | {FLOPS / best / 1e9:.0f} | {pct} |", flush=True)
+
+
+def breakdown():
+    """Times sub-programs of the f32 step: forward, forward+backward, whole step, and the
+    output layer + loss alone (hidden -> logits -> cross-entropy, forward+backward)."""
+    from transformer_jax.train.losses import cross_entropy_sums, forward
+    section("where the f32 step's time goes (one device)")
+    setup = one_device_setup(scan_layers=False)
+    state = setup.init_state()
+    batch = jax.device_put(BATCH, setup.batch_sharding)
+
+    def loss(p, b):
+        return cross_entropy_sums(*forward(setup.model, p, b, "lm"))["loss"]
+
+    emb = state.params["embedder"]["token"]["embedding"]
+    h = jnp.asarray(np.random.default_rng(0).standard_normal((B, L, 512)), jnp.float32)
+
+    def head(e, h):
+        return cross_entropy_sums(jnp.einsum("bld,vd->blv", h, e), batch["targets"], batch["weights"])["loss"]
+
+    with setup.context():
+        progs = {
+            "forward (loss)": (jax.jit(loss), (state.params, batch), FLOPS / 3),
+            "forward + backward": (jax.jit(jax.grad(loss)), (state.params, batch), FLOPS),
+            "output layer + loss, fwd+bwd": (jax.jit(jax.grad(head, argnums=(0, 1))), (emb, h), 6 * B * L * 512 * V),
+        }
+        print("| program | median s | model GFLOP | GFLOP/s |\n|---|---|---|---|")
+        for name, (f, a, flops) in progs.items():
+            med, _ = timed(lambda: jax.block_until_ready(f(*a)), args.steps)
+            print(f"| {name} | {med:.2f} | {flops / 1e9:.0f} | {flops / med / 1e9:.0f} |", flush=True)
+    med, _ = run_steps(setup, args.steps)
+    print(f"| whole train step | {med:.2f} | {FLOPS / 1e9:.0f} | {FLOPS / med / 1e9:.0f} |", flush=True)
+
+
+def compile_table():
+    section("compile time of the f32 train step (lower + XLA compile)")
+    print("| layers | scan | compile s |\n|---|---|---|")
+    for layers in (6, 24):
+        for scan in (True, False):
+            setup = one_device_setup(layers=layers, scan_layers=scan)
+            t = time.perf_counter()
+            setup.compiled_train_step(BATCH)
+            print(f"| {layers} | {scan} | {time.perf_counter() - t:.0f} |", flush=True)
+
+
+# -- presets on 8 fake devices ----------------------------------------------------------------
+
+PRESET_MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "dp_tp": (4, 1, 2), "fsdp_tp": (2, 2, 2)}
+_BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "pred": 1}
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes per collective kind in the compiled (per-device) HLO: all-reduce and reduce-scatter
+    operands, all-gather results. Collectives inside loops count once (run unrolled)."""
+    import re
+    op = re.compile(r"^\s*%\S+ = (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                    r"(?:-start)?\((.*)")
+    shape = re.compile(r"(f32|bf16|s32|u32|pred)\[([\d,]*)\]")
+    out: dict[str, int] = {}
+    for line in hlo.splitlines():
+        m = op.match(line)
+        if not m:
+            continue
+        kind = m.group(2)
+        types = m.group(1)
+        if kind == "reduce-scatter":  # the operand is n x the result
+            n = len(re.search(r"replica_groups=\S*?\{\{([\d,]+)\}", line).group(1).split(",")) if "{{" in line else 1
+        else:
+            n = 1
+        size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+                   for t, dims in shape.findall(types))
+        out[kind] = out.get(kind, 0) + n * size
+    return out
+
+
+def predicted(preset: str, params_bytes: int, mesh_shape) -> str:
+    """The textbook traffic per step ("How to Scale Your Model", training chapter)."""
+    d, f, t = mesh_shape
+    act = B * L * 512 * 4  # one [batch, length, embed] f32 activation, whole
+    layers = 6
+    parts = []
+    if d * f > 1:
+        parts.append(f"grads all-reduce {params_bytes / 2**20:.0f} MiB" if f == 1 else
+                     f"weights all-gather x2 + grads reduce-scatter ~3 x {params_bytes / 2**20:.0f} MiB")
+    if t > 1:
+        parts.append(f"activations all-reduce 4/layer x {layers} x {act / (d * f) / 2**20:.0f} MiB")
+    return "; ".join(parts)
+
+
+def presets():
+    if jax.device_count() < 8:
+        sys.exit("presets needs --devices 8")
+    section("presets on 8 fake CPU devices (bench model, f32, layers unrolled so HLO counts are per step)")
+    print("| preset | mesh | compile s | step s | vs 1 device | per-device MiB (args+temp) | "
+          "HLO collective MiB | textbook |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = one_device_setup(scan_layers=False)
+    base.compiled_train_step(BATCH)
+    t1, _ = run_steps(base, args.steps)
+    params_bytes = 4 * base.param_count
+    print(f"| one device | 1 | - | {t1:.2f} | 1.00 | - | - | - |", flush=True)
+    for preset, shape in PRESET_MESHES.items():
+        mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2], preset=preset))
+        setup = one_device_setup(mesh=mesh, preset=preset, scan_layers=False)
+        t = time.perf_counter()
+        compiled = setup.compiled_train_step(BATCH)
+        compile_s = time.perf_counter() - t
+        mem = compiled.memory_analysis()
+        per_dev = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                   - mem.alias_size_in_bytes) / 2**20
+        coll = collective_bytes(compiled.as_text())
+        coll_s = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(coll.items()))
+        med, _ = run_steps(setup, args.steps)
+        print(f"| {preset} | {shape} | {compile_s:.0f} | {med:.2f} | {med / t1:.2f} | {per_dev:.0f} | {coll_s} | "
+              f"{predicted(preset, params_bytes, shape)} |", flush=True)
+
+
+# -- plain Flax linen, as the Flax docs write it (same model, same machine) --------------------
+
+def flax_baseline():
+    import flax.linen as nn
+    import optax
+
+    class Block(nn.Module):
+        dtype: jnp.dtype
+
+        @nn.compact
+        def __call__(self, x, mask):
+            h = nn.LayerNorm(dtype=self.dtype)(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=8, dtype=self.dtype)(h, h, mask=mask)
+            h = nn.Dense(2048, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
+            return x + nn.Dense(512, dtype=self.dtype)(nn.gelu(h))
+
+    class GPT(nn.Module):
+        dtype: jnp.dtype
+
+        @nn.compact
+        def __call__(self, tokens):
+            embed = nn.Embed(V, 512, dtype=self.dtype)
+            x = embed(tokens) + nn.Embed(L, 512, dtype=self.dtype)(jnp.arange(tokens.shape[1]))
+            mask = nn.make_causal_mask(tokens)
+            for _ in range(6):
+                x = Block(self.dtype)(x, mask)
+            return embed.attend(nn.LayerNorm(dtype=self.dtype)(x)).astype(jnp.float32)
+
+    section("plain Flax linen (nn.MultiHeadDotProductAttention, optax.adamw), same model and batch")
+    print("| compute | compile s | median step s | tokens/s | model GFLOP/s |\n|---|---|---|---|---|")
+    tokens, targets = jnp.asarray(BATCH["inputs"]), jnp.asarray(BATCH["targets"])
+    for name, dtype in [("f32", jnp.float32), ("bf16", jnp.bfloat16)]:
+        model, tx = GPT(dtype), optax.adamw(3e-4)
+        params = jax.jit(model.init)(jax.random.key(0), tokens)
+        opt_state = tx.init(params)
+
+        @jax.jit
+        def train_step(params, opt_state, tokens, targets):
+            def loss_fn(p):
+                logits = model.apply(p, tokens)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        t = time.perf_counter()
+        train_step.lower(params, opt_state, tokens, targets).compile()
+        compile_s = time.perf_counter() - t
+        box = [params, opt_state]
+
+        def step():
+            box[0], box[1], loss = train_step(box[0], box[1], tokens, targets)
+            loss.block_until_ready()
+        med, _ = timed(step, args.steps)
+        print(f"| {name} | {compile_s:.0f} | {med:.2f} | {B * L / med:,.0f} | {FLOPS / med / 1e9:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    print(f"# transformer_jax train-step benchmark: jax {jax.__version__}, {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s), bench model {FLOPS / 1e9:.1f} GFLOP/step")
+    for part in args.only.split(","):
+        {"peak": peak, "step": step_table, "breakdown": breakdown, "compile": compile_table, "presets": presets,
+         "flax": flax_baseline}[part]()
+    if "peak" in args.only.split(",") and args.only != "peak":
+        peak()  # again at the end: how much the machine's speed moved during the run

@@ -1,0 +1,116 @@
+"""Output layer + cross-entropy fused, a chunk of positions at a time (`task.loss_chunk`).
+
+The [B, L, V] logits are never materialised. For each chunk of positions the logits,
+their log-sum-exp, the loss sums and, when differentiating, the closed-form gradient
+dlogits = w * (softmax * (1 + 2 z logZ) - (1 - s) onehot - s / V) with its two matmuls
+(dh = dlogits . W, dW += dlogits^T . h) run in one pass; the backward only scales the
+saved dh, dW by the incoming cotangent. Same matmul FLOPs as the unfused loss, ~3 x B x L
+x V x 4 bytes less temp memory (1.5 GiB for the DESIGN.md bench model) and cache-sized
+blocks (benchmarks/train_step.py measures it).
+
+The hidden states come from the model itself: `hidden_and_output_weight` runs it with
+`Embedder.logits` intercepted (flax `nn.intercept_methods`), so models need no second
+code path. Decoder LM and encoder-decoder heads only (the MLM head adds a bias after
+the logits and uses the unfused loss).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def hidden_and_output_weight(model: Any, variables: dict, *args, **kwargs) -> tuple[jax.Array, jax.Array]:
+    """(h [..., D], W [V, D]) with logits = h . W^T, from `model.apply(variables, *args, **kwargs)`."""
+    def interceptor(next_fun, fargs, fkwargs, context):
+        module = context.module
+        if context.method_name != "logits" or type(module).__name__ != "Embedder":
+            return next_fun(*fargs, **fkwargs)
+        cfg, x = module.cfg, fargs[0]
+        params = nn.unbox(module.variables["params"])
+        if cfg.tie_embeddings:
+            if cfg.scale_tied_logits:
+                x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
+            return x, params["token"]["embedding"]
+        return x, params["unembed"]["kernel"].T
+
+    with nn.intercept_methods(interceptor):
+        out = model.apply(variables, *args, **kwargs)
+    if not isinstance(out, tuple):
+        raise ValueError(f"{type(model).__name__} did not compute its logits with Embedder.logits; "
+                         "set task.loss_chunk=0")
+    return out
+
+
+def _chunks(x: jax.Array, c: int) -> jax.Array:
+    """[B, L, ...] -> [L/c, B, c, ...], zero-padded along L (padding has weight 0)."""
+    b, length = x.shape[:2]
+    n = -(-length // c)
+    x = jnp.pad(x, [(0, 0), (0, n * c - length)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+
+
+def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
+    v = w.shape[0]
+    wc = w.astype(dtype)
+
+    def body(acc, xs):
+        h_c, t_c, w_c = xs  # [B, c, D], [B, c], [B, c]
+        logits = jnp.einsum("bcd,vd->bcv", h_c.astype(dtype), wc, preferred_element_type=F32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        onehot = jax.nn.one_hot(t_c, v, dtype=F32)
+        nll = log_z - jnp.sum(logits * onehot, -1)
+        loss = nll if not smoothing else (1.0 - smoothing) * nll + smoothing * (log_z - logits.mean(-1))
+        zl = z_loss * jnp.square(log_z)
+        loss = loss + zl if z_loss else loss
+        correct = (jnp.argmax(logits, -1) == t_c).astype(F32)
+        w32 = w_c.astype(F32)
+        sums = {"loss": jnp.sum(loss * w32), "nll": jnp.sum(nll * w32), "correct": jnp.sum(correct * w32),
+                "tokens": jnp.sum(w32), "z_loss": jnp.sum(zl * w32)}
+        acc_sums, dw = acc
+        acc_sums = jax.tree.map(jnp.add, acc_sums, sums)
+        if not grad:
+            return (acc_sums, dw), None
+        p = jnp.exp(logits - log_z[..., None])
+        dlogits = p * (1.0 + 2.0 * z_loss * log_z)[..., None] - (1.0 - smoothing) * onehot - smoothing / v
+        dlogits = (dlogits * w32[..., None]).astype(dtype)
+        dh = jnp.einsum("bcv,vd->bcd", dlogits, wc, preferred_element_type=F32)
+        dw = dw + jnp.einsum("bcv,bcd->vd", dlogits, h_c.astype(dtype), preferred_element_type=F32)
+        dw = nn.with_logical_constraint(dw, ("vocab", "embed"))
+        return (acc_sums, dw), nn.with_logical_constraint(dh, ("batch", "length", "embed"))
+
+    chunk = min(chunk, h.shape[1])
+    zeros = {k: jnp.zeros((), F32) for k in ("loss", "nll", "correct", "tokens", "z_loss")}
+    xs = (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk))
+    (sums, dw), dh = jax.lax.scan(body, (zeros, jnp.zeros(w.shape, F32) if grad else None), xs)
+    if not grad:
+        return sums, None, None
+    dh = jnp.moveaxis(dh, 0, 1).reshape(h.shape[0], -1, h.shape[-1])[:, :h.shape[1]]
+    return sums, dh, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def fused_cross_entropy_sums(h, w, targets, weights, chunk: int, z_loss: float, smoothing: float, dtype) -> dict:
+    """`cross_entropy_sums(h . W^T, targets, weights, ...)` a chunk of `chunk` positions at a
+    time. Differentiable in h and W through the "loss" sum (the others are metrics)."""
+    return _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad=False)[0]
+
+
+def _fwd(h, w, targets, weights, chunk, z_loss, smoothing, dtype):
+    sums, dh, dw = _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad=True)
+    return sums, (dh.astype(h.dtype), dw.astype(w.dtype))
+
+
+def _bwd(chunk, z_loss, smoothing, dtype, res, g):
+    dh, dw = res
+    scale = g["loss"]
+    return (scale * dh).astype(dh.dtype), (scale * dw).astype(dw.dtype), None, None
+
+
+fused_cross_entropy_sums.defvjp(_fwd, _bwd)
