@@ -1,0 +1,89 @@
+"""The text report of `transformer-jax plan` (transformer_jax/plan.py computes what it shows)."""
+from __future__ import annotations
+
+import math
+
+GIB = 2 ** 30
+_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _gib(x: float) -> str:
+    """Bytes with a binary unit, 10 characters wide."""
+    for scale, unit in ((GIB, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if abs(x) >= scale:
+            return f"{x / scale:6.2f} {unit}"
+    return f"{x:6.0f} B  "
+
+
+def _si(x: float, unit: str = "") -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def format_plan(r: dict) -> str:
+    m, p, mo = r["measured"], r["prediction"], r["model"]
+    n = r["devices"]
+    rows = r["batch"] // max(1, _product(m["mesh"], ("data", "fsdp")))
+    depth = "full depth" if len(m["compiled_layers"]) == 1 else f"compiled at {m['compiled_layers']} layers, extrapolated"
+    lines = [
+        f"plan: {r['name']}",
+        f"  mesh     {m['mesh']} (preset {m['preset']}), {n} devices (fake CPU devices for the compile)",
+        f"  model    {m['params'] / 1e6:,.1f}M parameters, {mo['family']}, {mo['layers']} layers ({depth}), "
+        f"remat {mo['remat']}, {mo['dtype']} compute / {mo['param_dtype']} params",
+        f"  batch    {r['batch']} x {r['seq_len']} = {r['tokens']:,} tokens/step ({rows} rows per device"
+        + (f", {mo['grad_accum']} microbatches)" if mo["grad_accum"] > 1 else ")"),
+        f"  chip     {p['chip_source']}",
+        "",
+        "memory per device",
+        f"  parameters (sharded)                     {_gib(m['param_bytes'])}",
+        f"  optimizer state                          {_gib(m['opt_bytes'])}",
+        f"  batch                                    {_gib(m['batch_bytes'])}",
+        f"  activations, gradients, temporaries      {_gib(m['temp_bytes'])}   (XLA temp)",
+        f"  peak: arguments + outputs - donated + temp {_gib(p['peak_bytes'])}   of {p['usable_bytes'] / GIB:.2f} GiB "
+        f"usable -> {'fits' if p['fits'] else 'DOES NOT FIT'}",
+        "",
+        f"FLOPs per step: model {_si(m['model_flops'], 'FLOP')} ({_si(m['model_flops'] / n, 'FLOP')} per device); "
+        f"XLA matmuls {_si(m['dot_flops'], 'FLOP')} per device ({m['dot_flops'] * n / max(m['model_flops'], 1):.2f}x model)",
+        "",
+        "collectives per device per step   count     operands   ring link    time ms",
+    ]
+    for kind in _KINDS:
+        c = m["collectives"][kind]
+        if c["count"]:
+            lines.append(f"  {kind:<28}{c['count']:>9.0f}  {_gib(c['operand_bytes'])}  {_gib(c['link_bytes'])}"
+                         f"  {1e3 * p['comm_by_kind_s'][kind]:9.2f}")
+    if not any(m["collectives"][k]["count"] for k in _KINDS):
+        lines.append("  (none)")
+    lines += [
+        "",
+        f"prediction on {n} x {p['chip']}",
+        f"  compute   {1e3 * p['compute_s']:10.2f} ms   matmul FLOPs / peak (XLA's count: remat included)",
+        f"  memory    {1e3 * p['memory_s']:10.2f} ms   2 x temp + state in and out, once, / HBM bandwidth (a floor)",
+        f"  comm      {1e3 * p['comm_s']:10.2f} ms   ring link bytes / interconnect bandwidth",
+        f"  step      {1e3 * p['step_s']:10.2f} ms   roofline: the largest of the three, the rest overlapped",
+        f"  step      {1e3 * p['step_slow_s']:10.2f} ms   per op max(compute, HBM bytes) with XLA:CPU's fusion, + comm",
+        f"  MFU       {100 * p['mfu_slow']:.1f}% .. {100 * p['mfu']:.1f}%   "
+        f"tokens/s/chip {p['tokens_per_s_per_chip_slow']:,.0f} .. {p['tokens_per_s_per_chip']:,.0f}",
+    ]
+    if not p["fits"]:
+        lines += ["", f"WARNING: needs {p['peak_bytes'] / GIB:.2f} GiB per device, more than the "
+                      f"{p['usable_bytes'] / GIB:.2f} GiB usable on {p['chip']}."]
+        s = r.get("suggestion")
+        if s and s["fits"]:
+            lines.append(f"  try: {s['flags']}  -> {s['peak_bytes'] / GIB:.2f} GiB per device, predicted MFU "
+                         f"{100 * s['mfu']:.1f}%")
+        elif s:
+            lines.append(f"  even {s['flags']} needs {s['peak_bytes'] / GIB:.2f} GiB: use more chips, a smaller "
+                         "global batch or a smaller model")
+        else:
+            lines.append("  try a larger fsdp, model.remat=full or dots, or a smaller batch per device")
+    if r["notes"]:
+        lines += ["", "notes:"] + [f"  - {x}" for x in r["notes"]]
+    return "\n".join(lines)
+
+
+def _product(mesh: str, axes) -> int:
+    sizes = dict(part.strip().split("=") for part in mesh.split(" x "))
+    return math.prod(int(sizes[a]) for a in axes)
