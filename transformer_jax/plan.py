@@ -42,7 +42,6 @@ from transformer_jax.config import ConfigError
 from transformer_jax.plan_report import format_plan  # noqa: F401  (re-exported)
 
 
-
 # -- the request ---------------------------------------------------------------------------
 
 def parse_mesh(text: str) -> dict[str, int]:
