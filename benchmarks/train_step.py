@@ -1,7 +1,7 @@
 """Train-step benchmark on the DESIGN.md bench model (decoder LM, 6 x 512, 8 heads, mlp 2048,
 vocab 32768, seq 512, global batch 8 = 4,096 tokens, 953.5 GFLOP/step).
 
-    .venv/bin/python benchmarks/train_step.py --only peak,step,flax     # one device (~10 min on 2 cores)
+    .venv/bin/python benchmarks/train_step.py                           # peak + step table, one device (~10 min)
     .venv/bin/python benchmarks/train_step.py --only breakdown          # where the step's time goes
     .venv/bin/python benchmarks/train_step.py --only compile            # 6 / 24 layers, scan or not
     .venv/bin/python benchmarks/train_step.py --only presets --devices 8   # 8 fake devices
@@ -16,6 +16,7 @@ tokens/step); model FLOPs follow train/flops.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import statistics
@@ -23,10 +24,10 @@ import sys
 import time
 
 ARGS = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ARGS.add_argument("--only", default="peak,step,flax", help="comma list: peak,step,breakdown,compile,presets,flax")
+ARGS.add_argument("--only", default="peak,step", help="comma list: peak,step,breakdown,compile,presets")
 ARGS.add_argument("--devices", type=int, default=1, help="fake CPU devices (8 for presets)")
 ARGS.add_argument("--steps", type=int, default=3, help="timed steps per row")
-ARGS.add_argument("--variants", default="f32,f32-whole-logits,f32-unrolled,f32-remat-dots,bf16,bf16-plain-dots",
+ARGS.add_argument("--variants", default="f32,f32-unrolled,f32-whole-logits,bf16,bf16-plain-dots,flax-f32,flax-bf16",
                   help="rows of the step table (see VARIANTS)")
 args = ARGS.parse_args()
 
@@ -132,28 +133,35 @@ def run_steps(setup, n):
     return med, ts
 
 
+def _our_runner(name):
+    """(compile seconds, one blocking step, peak name) for a VARIANTS row."""
+    overrides, task, plain = VARIANTS[name]
+    _plain_bf16_dots(plain)
+    setup = one_device_setup(task=task, **overrides)
+    t = time.perf_counter()
+    setup.compiled_train_step(BATCH)  # traced with the variant's matmul: the executable keeps it
+    compile_s = time.perf_counter() - t
+    _plain_bf16_dots(False)
+    box, batch = [setup.init_state()], jax.device_put(BATCH, setup.batch_sharding)
+
+    def step():
+        box[0], m = setup.train_step(box[0], batch)
+        jax.block_until_ready(m)
+    return compile_s, step, "f32" if name.startswith("f32") else ("bf16" if plain else "bf16-f32acc")
+
+
 def step_table():
     """Variants are compiled first, then timed round-robin (one step of each in turn), so a
     change of load on the shared machine hits every row alike."""
     section("train step, one device (bench model, AdamW, f32 params)")
     names = args.variants.split(",")
-    rows, compile_s, plain_of = {}, {}, {}
-    for name in names:
-        overrides, task, plain = VARIANTS[name]
-        _plain_bf16_dots(plain)
-        setup = one_device_setup(task=task, **overrides)
-        t = time.perf_counter()
-        setup.compiled_train_step(BATCH)  # traced with the variant's matmul: the executable keeps it
-        compile_s[name], plain_of[name] = time.perf_counter() - t, plain
-        _plain_bf16_dots(False)
-        rows[name] = (setup, [setup.init_state()], jax.device_put(BATCH, setup.batch_sharding))
+    runners = {n: (_flax_runner(n) if n.startswith("flax") else _our_runner(n)) for n in names}
     times = {name: [] for name in names}
     cpu = {name: [] for name in names}
     for i in range(args.steps + 1):
-        for name, (setup, box, batch) in rows.items():
+        for name, (_, step, _) in runners.items():
             r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            box[0], m = setup.train_step(box[0], batch)
-            jax.block_until_ready(m)
+            step()
             r1 = resource.getrusage(resource.RUSAGE_SELF)
             if i:  # the first round is the warm-up
                 times[name].append(time.perf_counter() - t)
@@ -162,10 +170,10 @@ def step_table():
           "| % of its matmul peak |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
+        compile_s, _, peak_name = runners[name]
         best, med = min(times[name]), statistics.median(times[name])
-        peak_name = "f32" if name.startswith("f32") else ("bf16" if plain_of[name] else "bf16-f32acc")
         pct = f"{100 * FLOPS / best / PEAK[peak_name]:.0f}% ({peak_name})" if peak_name in PEAK else "-"
-        print(f"| {name} | {compile_s[name]:.0f} | {best:.2f} / {med:.2f} | {statistics.median(cpu[name]):.1f} | "
+        print(f"| {name} | {compile_s:.0f} | {best:.2f} / {med:.2f} | {statistics.median(cpu[name]):.1f} | "
               f"{B * L / best:,.0f} | {FLOPS / best / 1e9:.0f} | {pct} |", flush=True)
 
 
@@ -232,14 +240,24 @@ def collective_bytes(hlo: str) -> dict[str, int]:
             continue
         kind = m.group(2)
         types = m.group(1)
-        if kind == "reduce-scatter":  # the operand is n x the result
-            n = len(re.search(r"replica_groups=\S*?\{\{([\d,]+)\}", line).group(1).split(",")) if "{{" in line else 1
-        else:
-            n = 1
+        n = _group_size(line) if kind == "reduce-scatter" else 1  # its operand is n x the result
         size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
                    for t, dims in shape.findall(types))
         out[kind] = out.get(kind, 0) + n * size
     return out
+
+
+def _group_size(line: str) -> int:
+    """Devices per replica group, from any of XLA's three spellings of replica_groups."""
+    import re
+    if m := re.search(r"replica_groups=\{\{([\d,]+)\}", line):
+        return len(m.group(1).split(","))
+    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]", line):
+        return int(m.group(2))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2))]))
+    return 1
 
 
 def predicted(preset: str, params_bytes: int, mesh_shape) -> str:
@@ -286,66 +304,59 @@ def presets():
 
 # -- plain Flax linen, as the Flax docs write it (same model, same machine) --------------------
 
-def flax_baseline():
+def _flax_runner(name):
+    """The bench model as the Flax docs write it: nn.MultiHeadDotProductAttention with a causal
+    mask, whole logits, optax.adamw, jit. "flax-f32" or "flax-bf16" (compute dtype)."""
     import flax.linen as nn
     import optax
+    dtype = jnp.bfloat16 if name.endswith("bf16") else jnp.float32
 
     class Block(nn.Module):
-        dtype: jnp.dtype
-
         @nn.compact
         def __call__(self, x, mask):
-            h = nn.LayerNorm(dtype=self.dtype)(x)
-            x = x + nn.MultiHeadDotProductAttention(num_heads=8, dtype=self.dtype)(h, h, mask=mask)
-            h = nn.Dense(2048, dtype=self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
-            return x + nn.Dense(512, dtype=self.dtype)(nn.gelu(h))
+            h = nn.LayerNorm(dtype=dtype)(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=8, dtype=dtype)(h, h, mask=mask)
+            h = nn.Dense(2048, dtype=dtype)(nn.LayerNorm(dtype=dtype)(x))
+            return x + nn.Dense(512, dtype=dtype)(nn.gelu(h))
 
     class GPT(nn.Module):
-        dtype: jnp.dtype
-
         @nn.compact
         def __call__(self, tokens):
-            embed = nn.Embed(V, 512, dtype=self.dtype)
-            x = embed(tokens) + nn.Embed(L, 512, dtype=self.dtype)(jnp.arange(tokens.shape[1]))
+            embed = nn.Embed(V, 512, dtype=dtype)
+            x = embed(tokens) + nn.Embed(L, 512, dtype=dtype)(jnp.arange(tokens.shape[1]))
             mask = nn.make_causal_mask(tokens)
             for _ in range(6):
-                x = Block(self.dtype)(x, mask)
-            return embed.attend(nn.LayerNorm(dtype=self.dtype)(x)).astype(jnp.float32)
+                x = Block()(x, mask)
+            return embed.attend(nn.LayerNorm(dtype=dtype)(x)).astype(jnp.float32)
 
-    section("plain Flax linen (nn.MultiHeadDotProductAttention, optax.adamw), same model and batch")
-    print("| compute | compile s | median step s | tokens/s | model GFLOP/s |\n|---|---|---|---|---|")
+    model, tx = GPT(), optax.adamw(3e-4)
     tokens, targets = jnp.asarray(BATCH["inputs"]), jnp.asarray(BATCH["targets"])
-    for name, dtype in [("f32", jnp.float32), ("bf16", jnp.bfloat16)]:
-        model, tx = GPT(dtype), optax.adamw(3e-4)
-        params = jax.jit(model.init)(jax.random.key(0), tokens)
-        opt_state = tx.init(params)
+    params = jax.jit(model.init)(jax.random.key(0), tokens)
 
-        @jax.jit
-        def train_step(params, opt_state, tokens, targets):
-            def loss_fn(p):
-                logits = model.apply(p, tokens)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, tokens, targets):
+        def loss_fn(p):
+            return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, tokens), targets).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
-        t = time.perf_counter()
-        train_step.lower(params, opt_state, tokens, targets).compile()
-        compile_s = time.perf_counter() - t
-        box = [params, opt_state]
+    box = [params, tx.init(params)]
+    t = time.perf_counter()
+    compiled = train_step.lower(*box, tokens, targets).compile()
+    compile_s = time.perf_counter() - t
 
-        def step():
-            box[0], box[1], loss = train_step(box[0], box[1], tokens, targets)
-            loss.block_until_ready()
-        med, _ = timed(step, args.steps)
-        print(f"| {name} | {compile_s:.0f} | {med:.2f} | {B * L / med:,.0f} | {FLOPS / med / 1e9:.0f} |", flush=True)
+    def step():
+        box[0], box[1], loss = compiled(box[0], box[1], tokens, targets)
+        loss.block_until_ready()
+    return compile_s, step, "f32" if dtype == jnp.float32 else "bf16-f32acc"
 
 
 if __name__ == "__main__":
     print(f"# transformer_jax train-step benchmark: jax {jax.__version__}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), bench model {FLOPS / 1e9:.1f} GFLOP/step")
     for part in args.only.split(","):
-        {"peak": peak, "step": step_table, "breakdown": breakdown, "compile": compile_table, "presets": presets,
-         "flax": flax_baseline}[part]()
+        {"peak": peak, "step": step_table, "breakdown": breakdown, "compile": compile_table,
+         "presets": presets}[part]()
     if "peak" in args.only.split(",") and args.only != "peak":
         peak()  # again at the end: how much the machine's speed moved during the run
