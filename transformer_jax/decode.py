@@ -9,6 +9,12 @@ Prompts of different lengths are left-padded into one batch: padding has segment
 no row attends to it, and positions restart at each row's first real token, so a row decodes
 exactly as it would alone. One jitted prefill runs the prompts; a `lax.while_loop` then
 decodes a token per iteration until every row hit EOS or `max_new_tokens`.
+
+On a mesh, decode inside the mesh and logical rules with the params placed by their logical
+shardings: rows then split over `data`, heads and the KV cache over `tensor`.
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules("dp_tp")):   # or TrainSetup.context()
+        out = generate(model, sharded_params, prompts, max_new_tokens=64)
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.layers.dense import Dense, fan_in_init
+from transformer_jax.layers.dense import Dense, LoRA, fan_in_init
 from transformer_jax.layers.dot_product import dot_product_attention
 from transformer_jax.layers.embeddings import apply_rope
 
@@ -34,6 +34,7 @@ class MultiHeadAttention(nn.Module):
     decode: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: LoRA | None = None  # adapters on query/key/value/out, as its targets name them
 
     @nn.compact
     def __call__(
@@ -58,7 +59,8 @@ class MultiHeadAttention(nn.Module):
 
         def proj(heads, name):
             return Dense((heads, self.head_dim), ("embed", "heads" if name == "query" else "kv_heads", "head_dim"),
-                         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+                         name=name)
 
         q_BLHD = proj(self.num_heads, "query")(x_BLD)
         k_BSKD = proj(kv_heads, "key")(x_kv_BSD)
@@ -92,7 +94,7 @@ class MultiHeadAttention(nn.Module):
             kv_segment_ids=kv_segment_ids, bias=bias, mask=mask, scale=scale, implementation=self.implementation)
         out_BLHD = nn.with_logical_constraint(out_BLHD, ("batch", "length", "heads", "head_dim"))
         out = Dense((d_model,), ("heads", "head_dim", "embed"), in_dims=2, use_bias=self.use_bias, dtype=self.dtype,
-                    param_dtype=self.param_dtype, kernel_init=fan_in_init(2, 3), name="out")(out_BLHD)
+                    param_dtype=self.param_dtype, kernel_init=fan_in_init(2, 3), lora=self.lora, name="out")(out_BLHD)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
     def _update_cache(self, k_BLKD, v_BLKD, segment_ids_BL, cidx, use_cache):
@@ -106,8 +108,11 @@ class MultiHeadAttention(nn.Module):
         if not use_cache:
             return k_BLKD, v_BLKD, seg, seg, 0
         index = cidx.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k_BLKD.astype(ck.value.dtype), (0, index, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v_BLKD.astype(cv.value.dtype), (0, index, 0, 0))
-        cseg.value = jax.lax.dynamic_update_slice(cseg.value, seg, (0, index))
+        axes = ("batch", "length", "kv_heads", "head_dim")  # on a mesh: rows on data, heads on tensor
+        ck.value = nn.with_logical_constraint(
+            jax.lax.dynamic_update_slice(ck.value, k_BLKD.astype(ck.value.dtype), (0, index, 0, 0)), axes)
+        cv.value = nn.with_logical_constraint(
+            jax.lax.dynamic_update_slice(cv.value, v_BLKD.astype(cv.value.dtype), (0, index, 0, 0)), axes)
+        cseg.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(cseg.value, seg, (0, index)), axes[:2])
         cidx.value = index + l
         return ck.value, cv.value, seg, cseg.value, index
