@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from transformer_jax import data
 from transformer_jax.checkpoint import Checkpointer, PreemptionGuard, init_from
@@ -81,8 +82,9 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     workdir = run.workdir
     _write_config(run)
     writer_log = print if primary else (lambda *a, **k: None)
-    writer_log(f"transformer-jax: {cfg.name}: {setup.param_count / 1e6:.2f}M params, {describe_mesh(run.mesh)}, "
-               f"{jax.device_count()} {jax.devices()[0].platform} device(s), workdir {workdir}")
+    trained = "" if setup.trainable_count == setup.param_count else f" ({setup.trainable_count / 1e6:.3f}M trained)"
+    writer_log(f"transformer-jax: {cfg.name}: {setup.param_count / 1e6:.2f}M params{trained}, "
+               f"{describe_mesh(run.mesh)}, {jax.device_count()} {jax.devices()[0].platform} device(s), workdir {workdir}")
 
     train_it = run.iterator(cfg.data.train_split)
     restored = ckpt.restore(setup.abstract_state)
@@ -134,6 +136,9 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                             halted = True
                             writer.print(f"step {s}: halting (task.on_nonfinite='halt')")
                 last = {k: float(v) for k, v in fetched[-1].items()}
+                # loss and accuracy: the mean over the logged window's steps (one step's is noise)
+                good = [m for m in fetched if not m["skipped"]] or fetched
+                last.update({k: float(np.mean([m[k] for m in good])) for k in ("loss", "accuracy")})
                 rate = tokens / dt if dt > 0 else 0.0
                 mfu = flops * steps_since_log / dt / peak if dt > 0 else 0.0
                 writer.write(step, dict(last, tokens_per_s=rate, mfu=mfu, tokens_seen=tokens_seen,
