@@ -136,9 +136,9 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                             halted = True
                             writer.print(f"step {s}: halting (task.on_nonfinite='halt')")
                 last = {k: float(v) for k, v in fetched[-1].items()}
-                # loss and accuracy: the mean over the logged window's steps (one step's is noise)
+                # loss, nll, accuracy: the mean over the logged window's steps (one step's is noise)
                 good = [m for m in fetched if not m["skipped"]] or fetched
-                last.update({k: float(np.mean([m[k] for m in good])) for k in ("loss", "accuracy")})
+                last.update({k: float(np.mean([m[k] for m in good])) for k in ("loss", "nll", "accuracy")})
                 rate = tokens / dt if dt > 0 else 0.0
                 mfu = flops * steps_since_log / dt / peak if dt > 0 else 0.0
                 writer.write(step, dict(last, tokens_per_s=rate, mfu=mfu, tokens_seen=tokens_seen,
