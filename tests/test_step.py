@@ -35,16 +35,9 @@ SHAPES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (4, 1, 2)]
 DEFAULT = [("decoder", (8, 1, 1), "dp"), ("decoder", (1, 8, 1), "fsdp"), ("decoder", (1, 1, 8), "tp"),
            ("encoder", (2, 2, 2), "fsdp_tp"), ("encoder_decoder", (4, 1, 2), "dp_tp")]
 FULL = [(f, s, p) for f in FAMILIES for s in SHAPES for p in PRESETS if (f, s, p) not in DEFAULT]
-# XLA (GSPMD and Shardy alike, jax 0.10.2) miscompiles the backward of x @ W[fsdp, tensor] @ E[tensor, fsdp]^T
-# on a 2x2x2 mesh when the middle activation is unconstrained: the MLM head's transform -> tied logits.
-# Gradients come out ~6% off (the loss is right). Fixed by pinning the transform's output to
-# ("batch", "length", "embed") in models/encoder.py's MLMHead; strict, so the fix makes this fail.
-XLA_MLM_HEAD_BUG = pytest.mark.xfail(strict=True, reason="XLA backward miscompile in MLMHead under (2,2,2) fsdp_tp")
-
-
-def _marked(cases):
-    return [pytest.param(*c, marks=XLA_MLM_HEAD_BUG) if c[0] == "encoder" and c[1] == (2, 2, 2) and "fsdp" in c[2]
-            else c for c in cases]
+# models/encoder.py pins the MLM head's transform output: without it XLA (jax 0.10.2) miscompiles
+# the backward of x @ W[fsdp, tensor] @ E[tensor, fsdp]^T on the (2,2,2) fsdp_tp mesh (gradients
+# ~6% off, loss right), which the encoder (2,2,2) fsdp_tp case below catches.
 RTOL = 1e-5
 
 
@@ -110,13 +103,13 @@ def assert_runs_equal(got, want, what):
         assert int(gs.step) == step + 1 and int(adam(gs).count) == step + 1
 
 
-@pytest.mark.parametrize("family,shape,preset", _marked(DEFAULT))
+@pytest.mark.parametrize("family,shape,preset", DEFAULT)
 def test_sharded_steps_equal_one_device(family, shape, preset):
     assert_runs_equal(run(family, shape, preset), run(family), f"{family} {shape} {preset}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,shape,preset", _marked(FULL))
+@pytest.mark.parametrize("family,shape,preset", FULL)
 def test_every_preset_and_mesh_equals_one_device(family, shape, preset):
     assert_runs_equal(run(family, shape, preset), run(family), f"{family} {shape} {preset}")
 
