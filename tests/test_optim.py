@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from transformer_jax.config import ConfigError
 from transformer_jax.models import build_model, get_config
 from transformer_jax.train import OptimizerConfig, decay_mask, make_optimizer, make_schedule
+from transformer_jax.train.optim import frozen_mask
 
 
 def test_schedules_at_their_landmarks():
@@ -120,6 +121,7 @@ def test_clipping_rescales_gradients_before_adam():
     (dict(clip_norm=0.0), r"^optim.clip_norm=0.0 must be > 0 \(or none for no clipping\)$"),
     (dict(grad_accum_steps=0), r"^optim.grad_accum_steps=0 must be >= 1$"),
     (dict(schedule="step"), r"^OptimizerConfig.schedule='step' is not one of 'cosine', 'linear', 'constant'$"),
+    (dict(freeze=("enc(",)), r"^optim.freeze pattern 'enc\(' is not a regex: missing \), unterminated subpattern"),
 ])
 def test_config_errors_are_one_line(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -131,3 +133,39 @@ def test_config_overrides_parse():
     assert cfg.clip_norm is None and cfg.decay_exclude == ("norm",) and cfg.learning_rate == 1e-3
     with pytest.raises(ConfigError, match="total_steps=0 must be >= 1"):
         make_schedule(cfg, 0)
+
+
+def _tree():
+    return {"enc": {"kernel": jnp.linspace(-1, 1, 12).reshape(3, 4), "bias": jnp.ones(4),
+                    "lora_a": jnp.ones((3, 2)), "lora_b": jnp.zeros((2, 4))},
+            "classifier": {"kernel": jnp.full((4, 2), 0.5)}}
+
+
+def test_freeze_gives_zero_update_no_decay_and_no_adam_state():
+    cfg = OptimizerConfig(weight_decay=0.5, decay_exclude=(), freeze=("^enc/(kernel|bias)$",))
+    params = _tree()
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+    tx = make_optimizer(cfg)
+    d, s = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert not np.any(d["enc"]["kernel"]) and not np.any(d["enc"]["bias"])  # decay 0.5 would move them
+    # The others get exactly AdamW's direction, with moments kept for them alone.
+    trained = {"enc": {k: params["enc"][k] for k in ("lora_a", "lora_b")}, "classifier": params["classifier"]}
+    plain = make_optimizer(cfg.replace(freeze=()))
+    want, _ = plain.update(jax.tree.map(lambda x: jnp.full_like(x, 0.3), trained), plain.init(trained), trained)
+    chex.assert_trees_all_close(d["classifier"], want["classifier"], rtol=1e-6)
+    chex.assert_trees_all_close(d["enc"]["lora_a"], want["enc"]["lora_a"], rtol=1e-6)
+    assert len(jax.tree.leaves(s)) == 1 + 2 * 3  # Adam's count, mu and nu of the 3 trained leaves
+
+
+def test_lora_freezes_everything_but_adapters_and_lora_train():
+    mask = lambda cfg, lora: {"/".join(k.key for k in p): f for p, f in  # noqa: E731
+                              jax.tree_util.tree_flatten_with_path(frozen_mask(_tree(), cfg, lora))[0]}
+    assert not any(mask(OptimizerConfig(), False).values())
+    assert mask(OptimizerConfig(), True) == {"enc/kernel": True, "enc/bias": True, "enc/lora_a": False,
+                                             "enc/lora_b": False, "classifier/kernel": False}
+    only_adapters = mask(OptimizerConfig(lora_train=()), True)
+    assert only_adapters["classifier/kernel"] and not only_adapters["enc/lora_b"]
+    assert mask(OptimizerConfig(freeze=("lora_b",)), True)["enc/lora_b"]  # freeze wins
+    with pytest.raises(ConfigError, match=r"^optim.freeze pattern 'decoder' matches no parameter; paths look like "
+                                          r"\['classifier/kernel', 'enc/bias', 'enc/kernel'\]$"):
+        frozen_mask(_tree(), OptimizerConfig(freeze=("enc", "decoder")))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.layers.attention import MultiHeadAttention
+from transformer_jax.layers.dense import LoRA
 from transformer_jax.layers.mlp import MLP
 from transformer_jax.layers.norms import make_norm
 
@@ -33,6 +34,11 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 def dtypes(cfg: ModelConfig) -> dict[str, Any]:
     return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def lora(cfg: ModelConfig) -> LoRA | None:
+    """The LoRA adapters of the attention and MLP projections, or None (cfg.lora_rank=0)."""
+    return LoRA(cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets)) if cfg.lora_rank else None
 
 
 def _residual(layer: nn.Module, x_BLD, f, name: str):
@@ -51,11 +57,12 @@ def _attention(cfg: ModelConfig, name: str, decode: bool = False, rope: bool = F
     return MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.dim_per_head, num_kv_heads=cfg.kv_heads, use_bias=cfg.use_bias,
         rope=rope, rope_theta=cfg.rope_theta, logit_scale=cfg.attn_logit_scale, implementation=cfg.attention,
-        decode=decode, name=name, **dtypes(cfg))
+        decode=decode, lora=lora(cfg), name=name, **dtypes(cfg))
 
 
 def _mlp(cfg: ModelConfig, deterministic: bool) -> MLP:
-    return MLP(cfg.d_ff, cfg.activation, cfg.use_bias, cfg.dropout_rate, deterministic, name="mlp", **dtypes(cfg))
+    return MLP(cfg.d_ff, cfg.activation, cfg.use_bias, cfg.dropout_rate, deterministic, lora=lora(cfg), name="mlp",
+               **dtypes(cfg))
 
 
 class EncoderLayer(nn.Module):

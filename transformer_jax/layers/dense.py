@@ -1,10 +1,17 @@
-"""`Dense`: an einsum projection whose kernel carries logical axis names.
+"""`Dense`: an einsum projection whose kernel carries logical axis names, with an optional
+LoRA adapter (Hu et al. 2021).
 
 Written with `self.param` + `lax.dot_general` rather than `nn.DenseGeneral`, whose boxed
 multi-dimensional kernels break under an active mesh (flax issue 3676, DESIGN.md).
+
+LoRA: y = x . W + (alpha / r) * (x . A) . B, with A [*in, r] (fan-in init) and B [r, *out]
+(zeros, so an adapted model starts equal to its base). A carries the kernel's input axis
+names and B its output names (the rank axis is unsharded), so sharding rules apply as to W.
+`lora_delta` gives (alpha / r) * A . B, the kernel-shaped update that merging adds to W.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -12,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 Init = Callable[..., jax.Array]
+LORA_PARAMS = ("lora_a", "lora_b")  # the adapter leaves' names
 
 
 def matmul(x: jax.Array, w: jax.Array, n_contract: int, dtype: Any) -> jax.Array:
@@ -32,10 +40,33 @@ def fan_in_init(n_in: int, ndim: int, scale: float = 1.0) -> Init:
         scale, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, ndim)))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """Adapters of rank `rank` on the Dense modules named in `targets` (e.g. "query", "wo")."""
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def lora_delta(a: jax.Array, b: jax.Array, kernel_ndim: int, scale: float) -> jax.Array:
+    """scale * A . B over the rank, float32: A [*lead, *in, r], B [*lead, r, *out] -> the
+    kernel's shape [*lead, *in, *out] (`lead`: e.g. the "layers" axis nn.scan stacks)."""
+    lead = a.ndim + b.ndim - 2 - kernel_ndim
+    batch = tuple(range(lead))
+    delta = jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32),
+                                (((a.ndim - 1,), (lead,)), (batch, batch)))
+    return scale * delta
+
+
 class Dense(nn.Module):
     """y = x . kernel (+ bias); kernel shape = x.shape[-in_dims:] + features.
 
     `axes` names every kernel dim (input dims then output dims), e.g. ("embed", "mlp").
+    With `lora` naming this module (by its `name`) in its targets, adds the adapter term.
     """
     features: Sequence[int]
     axes: Sequence[str | None]
@@ -44,6 +75,7 @@ class Dense(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Init | None = None
+    lora: LoRA | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -54,9 +86,22 @@ class Dense(nn.Module):
         init = self.kernel_init or fan_in_init(self.in_dims, len(shape))
         kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)), shape, self.param_dtype)
         y = matmul(x, kernel, self.in_dims, self.dtype)
+        if self.lora is not None and self.name in self.lora.targets:
+            y = y + self._adapter(x, shape)
         if self.use_bias:
             bias_axes = tuple(self.axes[self.in_dims:])
             b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), features,
                            self.param_dtype)
             y = y + b.astype(self.dtype)
         return y
+
+    def _adapter(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """(alpha / r) * (x . A) . B; A: [*in, r], B: [r, *out] (zeros)."""
+        r, n_in = self.lora.rank, self.in_dims
+        in_axes, out_axes = tuple(self.axes[:n_in]), tuple(self.axes[n_in:])
+        a = self.param("lora_a", nn.with_logical_partitioning(fan_in_init(n_in, n_in + 1), in_axes + (None,)),
+                       shape[:n_in] + (r,), self.param_dtype)
+        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_axes),
+                       (r,) + shape[n_in:], self.param_dtype)
+        h = matmul(x, a, n_in, self.dtype)  # [..., r]
+        return matmul(h, b, 1, self.dtype) * jnp.asarray(self.lora.scale, self.dtype)

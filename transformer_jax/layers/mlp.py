@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.layers.dense import Dense
+from transformer_jax.layers.dense import Dense, LoRA
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -27,6 +27,7 @@ class MLP(nn.Module):
     deterministic: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    lora: LoRA | None = None  # adapters on wi/wi_0/wi_1/wo, as its targets name them
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -34,7 +35,8 @@ class MLP(nn.Module):
             raise ValueError(f"activation={self.activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}")
         d = x_BLD.shape[-1]
         dense = lambda feats, axes, name: Dense(  # noqa: E731
-            (feats,), axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            (feats,), axes, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+            name=name)
         act = ACTIVATIONS[self.activation]
         if self.activation in GATED:
             h_BLF = act(dense(self.d_ff, ("embed", "mlp"), "wi_0")(x_BLD)) * dense(self.d_ff, ("embed", "mlp"), "wi_1")(x_BLD)

@@ -7,6 +7,7 @@ from typing import Literal
 from transformer_jax.config import Config, ConfigError
 
 Family = Literal["decoder", "encoder", "encoder_decoder"]
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wi_0", "wi_1", "wo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class ModelConfig(Config):
     attention: str = "auto"  # dot_product_attention implementation
     scan_layers: bool = True
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"  # nn.remat policy per layer
+    lora_rank: int = 0  # > 0: LoRA adapters on lora_targets (models/lora.py); training then freezes the rest
+    lora_alpha: float = 16.0  # adapter output scale alpha / rank
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # Dense module names: attention and MLP projections
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len", "num_classes"):
@@ -64,6 +68,12 @@ class ModelConfig(Config):
             raise ConfigError(f"num_decoder_layers is only for family='encoder_decoder', not {self.family!r}")
         if self.type_vocab_size and self.family != "encoder":
             raise ConfigError(f"type_vocab_size is only for family='encoder', not {self.family!r}")
+        if self.lora_rank < 0 or not self.lora_alpha > 0:
+            raise ConfigError(f"lora_rank={self.lora_rank} must be >= 0 (0: off) and lora_alpha={self.lora_alpha} > 0")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or (self.lora_rank and not self.lora_targets):
+            raise ConfigError(f"lora_targets={list(self.lora_targets)} must be a non-empty subset of "
+                              f"{list(LORA_TARGETS)}")
 
     @property
     def kv_heads(self) -> int:

@@ -1,7 +1,9 @@
 """AdamW (Loshchilov & Hutter 2019) with warmup + cosine/linear/constant schedules,
-global-norm clipping and weight decay masked by parameter kind, from `OptimizerConfig`.
+global-norm clipping, weight decay masked by parameter kind and frozen parameters, from
+`OptimizerConfig`.
 
     tx = make_optimizer(cfg)                 # optax: clip -> Adam moments -> + wd * param
+    tx = make_optimizer(cfg, lora=True)      # only LoRA adapters (+ cfg.lora_train) update
     lr = make_schedule(cfg, total_steps)     # step -> learning rate
     direction, opt_state = tx.update(grads, opt_state, params)
     params = params - lr(step) * direction
@@ -9,18 +11,26 @@ global-norm clipping and weight decay masked by parameter kind, from `OptimizerC
 The learning rate is applied by the train step from the *train* step counter rather than
 by optax from its own count, so a skipped (non-finite) step leaves Adam's moments and bias
 correction untouched while the schedule still follows the step the trainer reports.
+
+Freezing (fine-tuning): parameters whose '/'-joined path ('encoder/layers/mlp/wi/kernel')
+matches a regex of `cfg.freeze` (re.search), and with `lora=True` every parameter that is
+neither a LoRA adapter nor matched by `cfg.lora_train`, get an update of exactly zero: no
+Adam moments, no clipping share, no weight decay (optax.partition with set_to_zero).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable, Literal
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from transformer_jax.config import Config, ConfigError
+from transformer_jax.layers.dense import LORA_PARAMS
 
 # Parameter kinds weight decay can be masked off, by the leaf's name in the param tree.
 DECAY_KINDS = {
@@ -43,6 +53,8 @@ class OptimizerConfig(Config):
     decay_exclude: tuple[str, ...] = ("norm", "bias", "embedding")  # kinds without weight decay
     clip_norm: float | None = 1.0  # global gradient norm; None: no clipping
     grad_accum_steps: int = 1  # microbatches per step (lax.scan); the global batch must divide it
+    freeze: tuple[str, ...] = ()  # regexes on param paths ('encoder/layers/mlp/wi/kernel'): no update
+    lora_train: tuple[str, ...] = ("^classifier/",)  # with model.lora_rank > 0: what trains besides adapters
 
     def validate(self) -> None:
         if not self.learning_rate >= 0:
@@ -65,6 +77,12 @@ class OptimizerConfig(Config):
             raise ConfigError(f"optim.clip_norm={self.clip_norm} must be > 0 (or none for no clipping)")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"optim.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+        for name in ("freeze", "lora_train"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ConfigError(f"optim.{name} pattern {pattern!r} is not a regex: {e}") from None
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> Callable[[Any], jax.Array]:
@@ -90,24 +108,49 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> Callable[[Any], jax
     return schedule
 
 
+def _key(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", k)))
+
+
+def _path(path) -> str:
+    return "/".join(_key(k) for k in path)
+
+
 def decay_mask(params: Any, exclude: tuple[str, ...]) -> Any:
     """Tree of bools like `params` (its unboxed structure): True where weight decay applies."""
     names = {n for kind in exclude for n in DECAY_KINDS[kind]}
-
-    def leaf_name(path) -> str:
-        k = path[-1]
-        return str(getattr(k, "key", getattr(k, "name", k)))
-
-    import flax.linen as nn
-    return jax.tree_util.tree_map_with_path(lambda p, _: leaf_name(p) not in names, nn.unbox(params))
+    return jax.tree_util.tree_map_with_path(lambda p, _: _key(p[-1]) not in names, nn.unbox(params))
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """The update direction of AdamW, before the learning rate: clip -> Adam -> + wd * p."""
+def frozen_mask(params: Any, cfg: OptimizerConfig, lora: bool = False) -> Any:
+    """Tree of bools like `params` (its unboxed structure): True where the update is zero.
+    A `cfg.freeze` pattern that matches no parameter is a ConfigError."""
+    params = nn.unbox(params)
+    paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in cfg.freeze:
+        if not any(re.search(pattern, p) for p in paths):
+            raise ConfigError(f"optim.freeze pattern {pattern!r} matches no parameter; paths look like {paths[:3]}")
+
+    def frozen(path) -> bool:
+        name = _path(path)
+        if any(re.search(p, name) for p in cfg.freeze):
+            return True
+        return lora and _key(path[-1]) not in LORA_PARAMS and not any(re.search(p, name) for p in cfg.lora_train)
+
+    return jax.tree_util.tree_map_with_path(lambda p, _: frozen(p), params)
+
+
+def make_optimizer(cfg: OptimizerConfig, lora: bool = False) -> optax.GradientTransformation:
+    """The update direction of AdamW, before the learning rate: clip -> Adam -> + wd * p,
+    and zero for frozen parameters (see the module docstring; `lora`: the model has adapters)."""
     parts = []
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
     if cfg.weight_decay:
         parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=lambda p: decay_mask(p, cfg.decay_exclude)))
-    return optax.chain(*parts)
+    adamw = optax.chain(*parts)
+    if not cfg.freeze and not lora:
+        return adamw
+    labels = lambda p: jax.tree.map(lambda f: "frozen" if f else "train", frozen_mask(p, cfg, lora))  # noqa: E731
+    return optax.partition({"train": adamw, "frozen": optax.set_to_zero()}, labels)

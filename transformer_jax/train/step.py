@@ -32,7 +32,7 @@ from transformer_jax.parallel.partition import check_divisible, logical_sharding
 from transformer_jax.parallel.rules import Rules
 from transformer_jax.train.flops import train_flops
 from transformer_jax.train.losses import SUMS, TaskConfig, batch_loss_sums, init_inputs, model_inputs
-from transformer_jax.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from transformer_jax.train.optim import OptimizerConfig, frozen_mask, make_optimizer, make_schedule
 from transformer_jax.train.state import TrainState
 
 
@@ -50,7 +50,8 @@ class TrainSetup:
     def __post_init__(self):
         self.task_cfg.check_model(self.model_cfg.family)
         self.model = build_model(self.model_cfg)
-        self.tx = make_optimizer(self.optim_cfg)
+        lora = self.model_cfg.lora_rank > 0  # adapters train, the rest is frozen
+        self.tx = make_optimizer(self.optim_cfg, lora=lora)
         self.schedule = make_schedule(self.optim_cfg, self.total_steps)
         batch_axes = nn.logical_to_mesh_axes(("batch",), self.rules)[0]
         self.batch_spec = P(batch_axes)
@@ -63,6 +64,9 @@ class TrainSetup:
         self.abstract_state: TrainState = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), self.state_shardings)
         self.param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params))
+        self.frozen = frozen_mask(self.abstract_state.params, self.optim_cfg, lora)  # True: never updated
+        self.trainable_count = sum(math.prod(x.shape) for x, f in zip(
+            jax.tree.leaves(self.abstract_state.params), jax.tree.leaves(self.frozen)) if not f)
         self._init = jax.jit(lambda: nn.unbox(self._boxed_init()), out_shardings=self.state_shardings)
         self._train = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                               out_shardings=(self.state_shardings, self._replicated), donate_argnums=0)
@@ -148,7 +152,9 @@ class TrainSetup:
 
     def _grads(self, params, batch, key) -> tuple[Any, dict[str, jax.Array]]:
         """Gradients of the summed loss and the sums, over `grad_accum_steps` microbatches."""
-        grad_fn = jax.grad(lambda p, b, k: (lambda s: (s["loss"], s))(self._sums(p, b, k)), has_aux=True)
+        # Frozen parameters get a zero gradient (their dW matmuls are dropped); the optimizer zeroes their update.
+        stop = lambda p: jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, self.frozen)  # noqa: E731
+        grad_fn = jax.grad(lambda p, b, k: (lambda s: (s["loss"], s))(self._sums(stop(p), b, k)), has_aux=True)
         k = self.optim_cfg.grad_accum_steps
         if k == 1:
             return grad_fn(params, batch, key)
