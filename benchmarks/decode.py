@@ -1,0 +1,266 @@
+"""Greedy decoding throughput on the DESIGN.md bench model (decoder LM, 6 x 512, 8 heads, mlp
+2048, vocab 32768, learned positions), with and without the KV cache, next to Hugging Face
+`generate` on the same model as a PyTorch `GPT2LMHeadModel`, in the same process.
+
+    .venv/bin/python benchmarks/decode.py                  # 256 new tokens, batch 1 and 8, prompt 32
+    .venv/bin/python benchmarks/decode.py --quick          # smoke run: gpt2-tiny, 16 tokens, seconds
+    .venv/bin/python benchmarks/decode.py --batch 8 --no-cache-tokens 64   # shorter no-cache rows
+
+Both libraries run the same random weights: the JAX model is initialised by the library,
+exported with `convert.save_hf` and loaded with `GPT2LMHeadModel.from_pretrained`, so the
+tokens can be compared. Prompts are random token ids, all `--prompt-len` long, and no EOS
+is set, so every row generates exactly `--new-tokens` tokens.
+
+Rows:
+- jax, cache: `transformer_jax.decode.generate` (jitted prefill + `lax.while_loop`), timed as
+  a caller sees it (host-side padding and cache set-up included).
+- jax, no cache: one jitted `fori_loop` of full forward passes over a fixed [B, prompt + new]
+  buffer, writing the argmax at the current position (the padding after it is never attended,
+  the mask being causal). Every step costs a forward pass at the final length; as HF does
+  (`logits_to_keep`), only the current position goes through the output layer.
+- hf, cache / no cache: `model.generate(do_sample=False, use_cache=...)` under
+  `torch.inference_mode()`, `torch.set_num_threads(<cores>)`; without the cache HF reruns the
+  growing sequence, so its mean step is shorter than the jax no-cache step.
+
+"first s" is the first call (JAX: trace + compile + run; HF: warm-up), "steady s" the best of
+`--repeats` further calls, "CPU s" the user + system CPU seconds of that call over all threads
+(at most cores x steady s), ms/step = steady s / new tokens (a step = one token in every row),
+tokens/s = batch x new tokens / steady s. The script asserts that JAX's greedy tokens with and
+without the cache are equal and prints how far HF's tokens agree with them (same weights,
+different kernels: a near-tie can flip one argmax and the rest follows).
+
+Measured on 2026-11-29, AMD EPYC, 2 cores (shared), jax 0.10.2 (cpu), torch 2.13.0+cpu (2 threads),
+transformers 5.24.0, bench model 36.0M params f32, prompt 32, by
+`flock /tmp/cpu.lock .venv/bin/python benchmarks/decode.py` (20 minutes, 16 of them the batch-8
+no-cache rows; `--no-cache-tokens 64` shortens those):
+
+| impl | cache | batch | prompt | new tokens | first s | steady s | CPU s | ms/step | tokens/s |
+|---|---|---|---|---|---|---|---|---|---|
+| jax | yes | 1 | 32 | 256 | 6.80 | 4.26 | 4.23 | 16.6 | 60 |
+| jax | no | 1 | 32 | 256 | 37.55 | 22.36 | 41.73 | 87.3 | 11 |
+| hf | yes | 1 | 32 | 256 | 4.54 | 4.28 | 8.15 | 16.7 | 60 |
+| hf | no | 1 | 32 | 256 | 17.27 | 17.71 | 34.86 | 69.2 | 14 |
+| jax | yes | 8 | 32 | 256 | 11.98 | 11.98 | 21.85 | 46.8 | 171 |
+| jax | no | 8 | 32 | 256 | 200.74 | 233.18 | 318.22 | 910.9 | 9 |
+| hf | yes | 8 | 32 | 256 | 8.51 | 7.90 | 15.66 | 30.8 | 259 |
+| hf | no | 8 | 32 | 256 | 105.11 | 99.22 | 196.40 | 387.6 | 21 |
+
+Greedy tokens: jax cache = jax no cache = hf cache = hf no cache, all 256 tokens of every row,
+at batch 1 and 8. decode.init_cache (host-side eval_shape of model.init) is 0.05-0.06 s of each
+generate() call. The machine is shared (flock keeps out only other heavy runs): a row whose CPU s
+is well under 2 x steady s (jax cache at batch 1, jax no cache at batch 8) probably had one core
+to itself. A later run (`--no-cache-tokens 8`) gave jax cache 12.0 ms/step at batch 1 and 42.1 at
+batch 8, hf cache 15.9 and 30.2. Where the jax cache step goes: at batch 8 it grows with the
+cache length (28.6 ms/step over a 161-slot cache, 42-47 over 288) although attention is a few
+MFLOP, and `get_config("bench", scan_layers=False)` cuts it from 28.6 to 18.6 ms (batch 1: 9.4
+-> 8.7): the time looks like KV-cache copies through the layer scan, not matmuls (HLO not checked).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import os
+import platform
+import resource
+import tempfile
+import time
+
+ARGS = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ARGS.add_argument("--preset", default="bench", help="a GPT-2-style model preset (models/config.py)")
+ARGS.add_argument("--new-tokens", type=int, default=256)
+ARGS.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+ARGS.add_argument("--prompt-len", type=int, default=32)
+ARGS.add_argument("--repeats", type=int, default=2, help="timed calls after the first; steady s is the best")
+ARGS.add_argument("--no-cache-tokens", type=int, default=None,
+                  help="new tokens for the no-cache rows (default: --new-tokens); shortens slow runs")
+ARGS.add_argument("--skip-hf", action="store_true", help="JAX rows only")
+ARGS.add_argument("--quick", action="store_true",
+                  help="smoke run: gpt2-tiny, 16 new tokens, batch 1,2, prompt 8, one repeat")
+args = ARGS.parse_args()
+if args.quick:
+    args.preset, args.new_tokens, args.batch, args.prompt_len, args.repeats = "gpt2-tiny", 16, "1,2", 8, 1
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from transformer_jax import decode  # noqa: E402
+from transformer_jax.models import build_model, get_config  # noqa: E402
+from transformer_jax.models.embedder import Embedder  # noqa: E402
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return r.ru_utime + r.ru_stime
+
+
+def timed(fn, repeats: int):
+    """(first-call s, (wall s, CPU s) of the fastest of `repeats` further calls, the last result);
+    fn must block."""
+    t = time.perf_counter()
+    out = fn()
+    first, best = time.perf_counter() - t, (float("inf"), 0.0)
+    for _ in range(repeats):
+        t, c = time.perf_counter(), _cpu_s()
+        out = fn()
+        best = min(best, (time.perf_counter() - t, _cpu_s() - c))
+    return first, best, out
+
+
+# -- JAX ------------------------------------------------------------------------------------
+
+def _logits_at(index):
+    """An interceptor that feeds only position `index` of the hidden states to `Embedder.logits`."""
+    def interceptor(next_fun, fargs, kwargs, context):
+        if isinstance(context.module, Embedder) and context.method_name == "logits":
+            fargs = (jax.lax.dynamic_slice_in_dim(fargs[0], index, 1, axis=1),) + tuple(fargs[1:])
+        return next_fun(*fargs, **kwargs)
+    return interceptor
+
+
+@functools.partial(jax.jit, static_argnames=("model", "new_tokens"))
+def greedy_no_cache(model, params, prompt_BP, *, new_tokens: int):
+    """Greedy continuation [B, new_tokens] by full forward passes over a [B, P + new] buffer."""
+    b, p = prompt_BP.shape
+    buf_BT = jnp.zeros((b, p + new_tokens), jnp.int32).at[:, :p].set(prompt_BP)
+
+    def step(i, buf_BT):
+        with nn.intercept_methods(_logits_at(p + i - 1)):
+            logits_B1V = model.apply({"params": params}, buf_BT)
+        nxt_B = jnp.argmax(logits_B1V[:, 0], axis=-1).astype(jnp.int32)
+        return jax.lax.dynamic_update_slice(buf_BT, nxt_B[:, None], (0, p + i))
+
+    return jax.lax.fori_loop(0, new_tokens, step, buf_BT)[:, p:]
+
+
+def jax_rows(model, params, prompts, new_tokens, no_cache_tokens):
+    rows, tokens = [], {}
+    first, best, out = timed(lambda: decode.generate(model, params, prompts.tolist(), max_new_tokens=new_tokens),
+                             args.repeats)
+    assert (out.lengths == new_tokens).all()
+    rows.append(("jax", "yes", new_tokens, first, best))
+    tokens["jax cache"] = out.tokens
+    _, (setup_s, _), _ = timed(lambda: jax.block_until_ready(
+        decode.init_cache(model, len(prompts), prompts.shape[1] + new_tokens)), 2)
+    prompt = jnp.asarray(prompts)
+    first, best, out = timed(
+        lambda: np.asarray(greedy_no_cache(model, params, prompt, new_tokens=no_cache_tokens)), args.repeats)
+    rows.append(("jax", "no", no_cache_tokens, first, best))
+    tokens["jax no cache"] = out
+    return rows, tokens, setup_s
+
+
+# -- Hugging Face -----------------------------------------------------------------------------
+
+def hf_model(cfg, params, directory):
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from transformer_jax.convert import save_hf
+    save_hf(directory, cfg, params, hf_config=dict(bos_token_id=None, eos_token_id=None))
+    model = GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()
+    hc = model.config
+    got = (hc.n_embd, hc.n_layer, hc.n_head, hc.n_inner, hc.vocab_size, hc.n_positions)
+    want = (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff, cfg.vocab_size, cfg.max_len)
+    assert got == want, f"HF model dims {got} != {want}"
+    return model
+
+
+def hf_rows(model, prompts, new_tokens, no_cache_tokens):
+    import torch
+    from transformers import GenerationConfig
+    rows, tokens = [], {}
+    ids = torch.as_tensor(prompts, dtype=torch.long)
+    for cache, n in (("yes", new_tokens), ("no", no_cache_tokens)):
+        gen = GenerationConfig(do_sample=False, max_new_tokens=n, use_cache=cache == "yes", pad_token_id=0,
+                               eos_token_id=None, bos_token_id=None)
+
+        def run():
+            with torch.inference_mode():
+                return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen).numpy()
+        first, best, out = timed(run, args.repeats)
+        assert out.shape == (len(prompts), prompts.shape[1] + n), out.shape
+        rows.append(("hf", cache, n, first, best))
+        tokens[f"hf {'cache' if cache == 'yes' else 'no cache'}"] = out[:, prompts.shape[1]:]
+    return rows, tokens
+
+
+# -- report ---------------------------------------------------------------------------------
+
+def agreement(a, b) -> str:
+    """'equal', or the first position where a row differs (min over rows) and how many rows differ."""
+    n = min(a.shape[1], b.shape[1])
+    diff = a[:, :n] != b[:, :n]
+    if not diff.any():
+        return f"equal ({n} tokens x {a.shape[0]} rows)"
+    first = [int(np.argmax(d)) for d in diff if d.any()]
+    return f"{len(first)}/{a.shape[0]} rows differ, first at token {min(first)} of {n}"
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = (f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores, jax {jax.__version__} "
+            f"({jax.default_backend()}), load average {os.getloadavg()[0]:.1f}")
+    if not args.skip_hf:
+        import torch
+        import transformers
+        info += (f", torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                 f"transformers {transformers.__version__}")
+    return info
+
+
+def main():
+    cfg = get_config(args.preset, dropout_rate=0.0)
+    if args.prompt_len + args.new_tokens > cfg.max_len:
+        raise SystemExit(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds "
+                         f"max_len={cfg.max_len} of preset {args.preset}; shorten one of them")
+    no_cache_tokens = args.no_cache_tokens or args.new_tokens
+    if not 1 <= no_cache_tokens <= args.new_tokens:
+        raise SystemExit(f"--no-cache-tokens {no_cache_tokens} must be in [1, --new-tokens={args.new_tokens}]")
+    model = build_model(cfg)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"])
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    hf = None
+    if not args.skip_hf:
+        import torch
+        torch.set_num_threads(os.cpu_count())
+        with tempfile.TemporaryDirectory() as d:
+            hf = hf_model(cfg, params, d)
+    print(f"# decode benchmark: {args.preset} ({cfg.num_layers} x {cfg.d_model}, {cfg.num_heads} heads, "
+          f"mlp {cfg.d_ff}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params, {cfg.dtype}), greedy, "
+          f"prompt {args.prompt_len}")
+    print(f"# {machine_info()}\n", flush=True)
+    print("| impl | cache | batch | prompt | new tokens | first s | steady s | CPU s | ms/step | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    notes = []
+    for b in [int(x) for x in args.batch.split(",")]:
+        prompts = np.random.default_rng(b).integers(1, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
+        rows, tokens, setup_s = jax_rows(model, params, prompts, args.new_tokens, no_cache_tokens)
+        notes.append(f"batch {b}: of each jax generate() call, {setup_s:.3f} s is decode.init_cache "
+                     "(host-side eval_shape of model.init)")
+        if hf is not None:
+            more, hf_tokens = hf_rows(hf, prompts, args.new_tokens, no_cache_tokens)
+            rows += more
+            tokens.update(hf_tokens)
+        for impl, cache, n, first, (best, cpu) in rows:
+            print(f"| {impl} | {cache} | {b} | {args.prompt_len} | {n} | {first:.2f} | {best:.2f} | {cpu:.2f} | "
+                  f"{1e3 * best / n:.1f} | {b * n / best:,.0f} |", flush=True)
+        ref = tokens["jax cache"]
+        same = agreement(ref, tokens["jax no cache"])
+        assert same.startswith("equal"), f"batch {b}: jax greedy with and without the cache disagree: {same}"
+        notes.append(f"batch {b}: jax cache vs jax no cache: {same}")
+        for name in ("hf cache", "hf no cache"):
+            if name in tokens:
+                notes.append(f"batch {b}: jax cache vs {name}: {agreement(ref, tokens[name])}")
+    print("\n" + "\n".join(notes))
+    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
