@@ -1,11 +1,14 @@
-"""Evaluation text, bits per byte and the gzip / xz baselines."""
+"""Evaluation text, bits per byte and the classical compressor baselines."""
 import gzip
 import lzma
 import math
 import os
 
+import brotli
 import numpy as np
+import pyppmd
 import pytest
+import zstandard
 
 from transformer_jax.data import DataConfig, bpb, corpus
 
@@ -34,11 +37,30 @@ def test_compression_baselines_match_the_modules():
     got = bpb.compression_bits_per_byte(data)
     assert got["gzip -9"] == 8 * len(gzip.compress(data, 9)) / len(data)
     assert got["xz -9e"] == 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / len(data)
-    assert got["xz -9e"] < 0.1 and got["gzip -9"] < 0.3  # very repetitive text
+    assert got["brotli 11"] == 8 * len(brotli.compress(data, quality=11, lgwin=24)) / len(data)
+    assert got["zstd 22"] == 8 * len(zstandard.ZstdCompressor(level=22).compress(data)) / len(data)
+    ppmd = pyppmd.compress(data, max_order=16, mem_size=1 << 30, variant="I")
+    assert got["ppmd o16"] == 8 * len(ppmd) / len(data)
+    assert pyppmd.decompress(ppmd, max_order=16, mem_size=1 << 30, variant="I") == data  # a real, lossless stream
+    assert all(v < 0.3 for v in got.values())  # very repetitive text
     noise = bpb.compression_bits_per_byte(np.random.default_rng(0).bytes(20000))
-    assert 7.9 < noise["gzip -9"] < 8.2 and 7.9 < noise["xz -9e"] < 8.2
+    assert all(7.9 < v < 8.3 for v in noise.values()), noise
     with pytest.raises(ValueError, match="non-empty"):
         bpb.compression_bits_per_byte(b"")
+
+
+def test_per_document_compression_has_no_memory_across_documents():
+    doc = np.random.default_rng(1).bytes(4000).hex()  # 8000 chars of hex: ~4 bits/char of entropy
+    stream = bpb.compression_bits_per_byte([doc, doc, doc])
+    alone = bpb.compression_bits_per_byte([doc, doc, doc], per_document=True)
+    assert set(stream) == set(alone) == set(bpb.COMPRESSORS)
+    for name in bpb.COMPRESSORS:  # one stream finds the repeats; documents alone cannot
+        assert stream[name] < 0.6 * alone[name], name
+        assert alone[name] == pytest.approx(bpb.compression_bits_per_byte(doc)[name])
+    report = bpb.compression_report([doc, doc])
+    assert set(report) == {"stream", "per_document"}
+    with pytest.raises(ValueError, match="documents"):
+        bpb.compression_bits_per_byte(doc, per_document=True)
 
 
 def test_bits_per_byte_of_a_uniform_byte_model():

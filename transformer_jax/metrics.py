@@ -90,26 +90,42 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(workdir: str | Path, out: str | Path | None = None, *, x: str = "tokens_seen") -> Path | None:
-    """Train and validation loss against tokens seen, from metrics.jsonl, to loss.png."""
+def plot_losses(workdir: str | Path, out: str | Path | None = None, *, x: str = "tokens_seen", title: str | None = None,
+                baselines: dict[str, float] | None = None) -> Path | None:
+    """Train and validation loss against tokens seen, from metrics.jsonl, to loss.png.
+
+    When a validation record has bits per byte (a causal LM evaluated on its whole split), the
+    y axis is bits per byte: every loss is scaled by that record's bits-per-byte / loss (the
+    split's tokens per byte), and `baselines` ({compressor: bits/byte}) are drawn as
+    horizontal lines. `title`: the experiment's name (default: the workdir's)."""
     records = read_metrics(workdir)
     train = [(r[x], r["loss"]) for r in records if r["kind"] == "train" and x in r and isinstance(r.get("loss"), float)]
     evals = [(r[x], r["loss"]) for r in records if r["kind"] == "eval" and x in r and isinstance(r.get("loss"), float)]
     if not train and not evals:
         return None
+    with_bpb = [r for r in records if r["kind"] == "eval" and isinstance(r.get("bits_per_byte"), float)
+                and isinstance(r.get("loss"), float) and r["loss"] > 0]
+    scale = with_bpb[-1]["bits_per_byte"] / with_bpb[-1]["loss"] if with_bpb else 1.0
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     if train:
-        ax.plot(*zip(*sorted(train)), label="train", linewidth=1, alpha=0.8)
+        ax.plot(*zip(*sorted((t, v * scale) for t, v in train)), label="train", linewidth=1, alpha=0.8)
     if evals:
-        ax.plot(*zip(*sorted(evals)), "o-", label="validation", linewidth=1.5)
+        ax.plot(*zip(*sorted((t, v * scale) for t, v in evals)), "o-", label="validation", linewidth=1.5)
+    if with_bpb:
+        for i, (name, value) in enumerate(sorted((baselines or {}).items(), key=lambda kv: -kv[1])):
+            ax.axhline(value, color=f"C{i + 2}", linestyle="--", linewidth=1, label=f"{name} ({value:.3f})")
+        ax.set_ylabel("bits per byte")
+        top = max([v * scale for _, v in train[len(train) // 10:] + evals] + list((baselines or {}).values()))
+        ax.set_ylim(bottom=0, top=1.1 * top)  # the first steps' loss would squash the curve
+    else:
+        ax.set_ylabel("loss (nats)")
     ax.set_xlabel(x.replace("_", " "))
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title(Path(workdir).name)
+    ax.set_title(title or Path(workdir).name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     out = Path(out) if out else Path(workdir) / "loss.png"
     fig.tight_layout()
     fig.savefig(out)

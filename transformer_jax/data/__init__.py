@@ -13,7 +13,7 @@ Modules: config (DataConfig, sources, fields, data_dir), corpus (TFDS builders
 python_source and text_files, `open_split`), functions (python_functions builder for the
 downstream tasks), tokenizer (bpe/byte, `get_tokenizer`), cache (tokenize once, memory
 mapped), tasks (rows for each task), pipeline (`make_iterator`, `make_global_batch`),
-bpb (evaluation text, bits per byte, gzip/xz baselines).
+bpb (evaluation text, bits per byte, classical compressor baselines).
 
 Batches: dicts of numpy arrays for this host (B = global_batch_size / process count),
 int32 unless stated, zeros are padding.
@@ -56,7 +56,7 @@ _LAZY = {
     "label_names": "pipeline", "tokens_per_batch": "pipeline",
     "get_tokenizer": "tokenizer", "Tokenizer": "tokenizer", "ByteTokenizer": "tokenizer",
     "BpeTokenizer": "tokenizer", "train_bpe": "tokenizer",
-    "eval_text": "bpb", "EvalText": "bpb", "compression_bits_per_byte": "bpb", "bits_per_byte": "bpb",
+    "eval_text": "bpb", "EvalText": "bpb", "compression_bits_per_byte": "bpb", "compression_report": "bpb", "bits_per_byte": "bpb",
     "open_split": "corpus",
 }
 

@@ -194,13 +194,14 @@ def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int) -> d
     writer.write(int(state.step), dict(ev, tokens_seen=tokens_seen), kind="eval")
     lines = [f"validation: loss {ev['loss']:.4f} nats/token, accuracy {ev['accuracy']:.4f}"]
     if "bits_per_byte" in ev:
-        text = data.eval_text(cfg.data).text
-        baselines = data.compression_bits_per_byte(text)
-        ev["baselines"] = baselines
-        lines.append(f"validation bits per byte: model {ev['bits_per_byte']:.3f}   " +
-                     "   ".join(f"{k} {v:.3f}" for k, v in baselines.items()))
+        ev["baselines"] = data.compression_report(data.eval_text(cfg.data).documents)
+        lines.append(f"validation bits per byte: model {ev['bits_per_byte']:.3f}")
+        for way, scores in ev["baselines"].items():
+            beaten = sum(ev["bits_per_byte"] < v for v in scores.values())
+            lines.append(f"  {way.replace('_', ' '):<13}" + "   ".join(f"{k} {v:.3f}" for k, v in scores.items()) +
+                         f"   (model beats {beaten} of {len(scores)})")
     if run.primary:
-        plot = plot_losses(run.workdir)
+        plot = plot_losses(run.workdir, title=cfg.name, baselines=ev.get("baselines", {}).get("stream"))
         if plot:
             lines.append(f"loss curve: {plot}")
     if cfg.model.family == "decoder" and cfg.train.sample_tokens:
