@@ -167,3 +167,33 @@ def test_readme_main_command_with_a_short_budget(env, tmp_path):
         assert set(summary["eval"]["baselines"][way]) == {"gzip -9", "xz -9e", "brotli 11", "zstd 22", "ppmd o6",
                                                           "ppmd o16"}
         assert f"{way.replace('_', ' ')} " in out.stdout and "ppmd o16" in out.stdout
+
+
+@pytest.mark.slow
+def test_bits_per_byte_on_a_subset_and_time_to_beat_each_compressor(env, tmp_path):
+    """Periodic evaluations on the first batches report bits per byte over the bytes their targets stand
+    for; over every batch that equals the whole split's (UTF-8 bytes of the text); the final report says
+    when validation first beat each compressor."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        (texts / f"t{i}.txt").write_text(" ".join(rng.choice(["def", "return", "x", "é", "λ", "\n"], 200)))
+    wd = tmp_path / "run"
+    data = ["--set", f"data.source=text_files:{texts}", "--set", "train.eval_batches=none"]
+    out = cli(env, "train", "--config", TINY, "--workdir", str(wd), "--set", "train.steps=10", "--set",
+              "train.eval_every=5", "--set", "train.periodic_eval_batches=1", "--set", "train.sample_tokens=0", *data)
+    evals = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    periodic, final = evals[0], evals[-1]
+    assert periodic["step"] == 5 and periodic["eval_batches"] == 1 and 0 < periodic["eval_bytes"] < 8 * 64 * 4
+    assert 0 < periodic["bits_per_byte"] < 20 and periodic["elapsed_s"] < final["elapsed_s"]
+    summary = json.loads((wd / "summary.json").read_text())
+    beat = summary["eval"]["time_to_beat"]
+    assert set(beat) == set(summary["eval"]["baselines"]["stream"]) and "time to beat" in out.stdout
+    for name, bar in summary["eval"]["baselines"]["stream"].items():  # random words: a compressor's game
+        first = next((e for e in evals if e["bits_per_byte"] < bar), None)
+        assert beat[name] == (first and {k: first[k] for k in ("step", "elapsed_s", "bits_per_byte")})
+    whole = cli(env, "eval", "--workdir", str(wd)).stdout
+    every_batch = cli(env, "eval", "--workdir", str(wd), "--set", "train.eval_batches=100000").stdout
+    bpb = lambda s: float(s.split("bits per byte ")[1].split()[0])  # noqa: E731
+    assert bpb(every_batch) == pytest.approx(bpb(whole), rel=1e-6)  # target bytes == the split's UTF-8 bytes

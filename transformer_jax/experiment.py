@@ -29,7 +29,9 @@ class TrainConfig(Config):
     target_seq_len: int | None = None  # seq2seq targets (None: the task's default)
     global_batch_size: int = 8
     eval_every: int = 200  # 0: only at the end
-    eval_batches: int | None = None  # None: the whole validation split (needed for bits per byte)
+    eval_batches: int | None = None  # None: the whole validation split (bits per byte against the compressors)
+    periodic_eval_batches: int | None = None  # evaluations during training: the first N batches (the same ones each
+    #                                          time); None: as eval_batches
     log_every: int = 10
     seed: int = 0
     sample_tokens: int = 96  # a decoder LM prints a sample of this many tokens at the end (0: none)
@@ -41,6 +43,9 @@ class TrainConfig(Config):
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be positive")
         if self.seq_len < 2:
             raise ConfigError(f"train.seq_len={self.seq_len} must be at least 2")
+        for name in ("eval_batches", "periodic_eval_batches"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be positive or none (none: whole split)")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0: only at the end)")
         if self.time_budget_s is not None and self.time_budget_s <= 0:

@@ -80,6 +80,10 @@ class Tokenizer:
         table, n = self._table, len(self._table)
         return b"".join(table[i] if 0 <= i < n else b"" for i in np.asarray(ids, np.int64).tolist())
 
+    def token_byte_lengths(self) -> np.ndarray:
+        """[vocab_size] int64: how many bytes of text each id stands for (0 for special and unused ids)."""
+        return np.array([len(self.decode_bytes([i])) for i in range(self.vocab_size)], np.int64)
+
     def decode(self, ids) -> str:
         """Text of `ids`; special and unused ids are dropped; bad UTF-8 becomes U+FFFD."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")

@@ -23,7 +23,7 @@ from transformer_jax import data
 from transformer_jax.checkpoint import Checkpointer, PreemptionGuard, init_from
 from transformer_jax.config import ConfigError
 from transformer_jax.experiment import ExperimentConfig
-from transformer_jax.metrics import MetricsWriter, plot_losses
+from transformer_jax.metrics import MetricsWriter, plot_losses, read_metrics
 from transformer_jax.parallel import check_batch, describe_mesh, get_rules, make_mesh, maybe_initialize_distributed
 from transformer_jax.train.hardware import peak_flops_per_device
 from transformer_jax.train.step import TrainSetup, make_train_setup
@@ -57,20 +57,33 @@ class Run:
                                   num_epochs=1 if eval else None, shuffle=False if eval else None)
 
     def evaluate(self, state, max_batches: int | None = None) -> dict:
-        """Loss, accuracy (and bits per byte for a causal LM over the whole split) on eval_split."""
+        """Loss, accuracy (and bits per byte for a causal LM) on eval_split, or its first `max_batches`.
+
+        Bits per byte: over the whole split, the summed loss over the split's UTF-8 bytes (the
+        compressors' denominator); over the first batches, over the bytes their targets stand for."""
+        lm = self.cfg.task.task == "lm"
+        byte_lengths = self.tokenizer.token_byte_lengths() if lm and max_batches is not None else None
         it = self.iterator(self.cfg.data.eval_split, eval=True)
-        totals = None
+        totals, target_bytes = None, 0
         for i, local in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
+            if byte_lengths is not None:
+                target_bytes += int(np.sum(byte_lengths[local["targets"]] * (local["weights"] > 0)))
             sums = self.setup.eval_step(state, data.make_global_batch(local, self.setup.batch_sharding))
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
         it.close()
         totals = {k: float(v) for k, v in jax.device_get(totals).items()}
         out = {"loss": totals["nll_sum"] / max(totals["tokens"], 1.0),
                "accuracy": totals["correct"] / max(totals["tokens"], 1.0), "eval_tokens": totals["tokens"]}
-        if self.cfg.task.task == "lm" and max_batches is None:
+        if lm and max_batches is None:
             out["bits_per_byte"] = data.bits_per_byte(totals["nll_sum"], _eval_bytes(self.cfg.data))
+        elif lm:
+            if jax.process_count() > 1:  # each host counted the bytes of its own rows
+                from jax.experimental import multihost_utils
+                target_bytes = int(np.sum(multihost_utils.process_allgather(np.int64(target_bytes))))
+            out["bits_per_byte"] = data.bits_per_byte(totals["nll_sum"], max(target_bytes, 1))
+            out["eval_bytes"] = target_bytes
         return out
 
 
@@ -149,8 +162,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                     stopped = "halted on a non-finite loss"
                     break
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                ev = run.evaluate(state, cfg.train.eval_batches)
-                writer.write(step, dict(ev, tokens_seen=tokens_seen), kind="eval")
+                periodic = cfg.train.periodic_eval_batches or cfg.train.eval_batches
+                ev = run.evaluate(state, periodic)
+                writer.write(step, dict(ev, tokens_seen=tokens_seen, elapsed_s=elapsed_before + time.time() - t0,
+                                        eval_batches=periodic), kind="eval")
                 writer.print(f"step {step}: eval loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}")
                 t_log = time.time()  # evaluation time is not training throughput
             if guard.should_stop_all(step):
@@ -174,7 +189,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                "peak_source": peak_source}
     interrupted = stopped is not None and stopped.startswith("stopped by")
     if not interrupted and not halted:
-        summary.update(_final_report(run, state, writer, tokens_seen))
+        summary.update(_final_report(run, state, writer, tokens_seen, elapsed_before + time.time() - t0))
     summary["elapsed_s"] = elapsed_before + time.time() - t0
     writer.close()
     if primary:
@@ -186,12 +201,13 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     return summary
 
 
-def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int) -> dict:
+def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int, elapsed_s: float) -> dict:
     """Evaluation (the whole split unless train.eval_batches caps it), compression baselines
-    for a causal LM, loss.png and a sample."""
+    and the time the model took to beat each for a causal LM, loss.png and a sample."""
     cfg = run.cfg
     ev = run.evaluate(state, cfg.train.eval_batches)
-    writer.write(int(state.step), dict(ev, tokens_seen=tokens_seen), kind="eval")
+    writer.write(int(state.step), dict(ev, tokens_seen=tokens_seen, elapsed_s=elapsed_s,
+                                       eval_batches=cfg.train.eval_batches), kind="eval")
     lines = [f"validation: loss {ev['loss']:.4f} nats/token, accuracy {ev['accuracy']:.4f}"]
     if "bits_per_byte" in ev:
         ev["baselines"] = data.compression_report(data.eval_text(cfg.data).documents)
@@ -200,6 +216,11 @@ def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int) -> d
             beaten = sum(ev["bits_per_byte"] < v for v in scores.values())
             lines.append(f"  {way.replace('_', ' '):<13}" + "   ".join(f"{k} {v:.3f}" for k, v in scores.items()) +
                          f"   (model beats {beaten} of {len(scores)})")
+        if run.primary:
+            ev["time_to_beat"] = time_to_beat(read_metrics(run.workdir), ev["baselines"]["stream"])
+            lines.append("time to beat (validation; the first evaluation below each, one stream): " + "   ".join(
+                f"{k} " + (f"step {t['step']} at {t['elapsed_s']:.0f} s" if t else "not yet")
+                for k, t in ev["time_to_beat"].items()))
     if run.primary:
         plot = plot_losses(run.workdir, title=cfg.name, baselines=ev.get("baselines", {}).get("stream"))
         if plot:
@@ -210,6 +231,17 @@ def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int) -> d
     for line in lines:
         writer.print(line)
     return {"eval": ev}
+
+
+def time_to_beat(records: list[dict], baselines: dict[str, float]) -> dict[str, dict | None]:
+    """{compressor: {"step", "elapsed_s", "bits_per_byte"} of the first evaluation below it, or None}."""
+    evals = sorted((r for r in records if r["kind"] == "eval" and isinstance(r.get("bits_per_byte"), float)
+                    and isinstance(r.get("elapsed_s"), (int, float))), key=lambda r: r["elapsed_s"])
+    first = {}
+    for name, bar in baselines.items():
+        hit = next((r for r in evals if r["bits_per_byte"] < bar), None)
+        first[name] = hit and {k: hit[k] for k in ("step", "elapsed_s", "bits_per_byte")}
+    return first
 
 
 def sample_text(run: Run, params, prompt: str, n: int, *, temperature=0.8, top_p=0.95, seed=0) -> str:
