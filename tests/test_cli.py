@@ -1,4 +1,6 @@
 """Malformed configs and command lines give one-line errors (exit status 2), never tracebacks."""
+from pathlib import Path
+
 import pytest
 
 from transformer_jax import cli
@@ -29,7 +31,8 @@ CASES = [
     (["--set", "mesh.data=8", "--set", "train.global_batch_size=12"], "global batch 12 is not divisible by"),
     (["--set", "checkpoint.keep_last=0"], "keep_last"),
     (["--set", "train.steps"], "override 'train.steps' must look like key.path=value"),
-    (["--config", "experiments/nope.py"], "config file 'experiments/nope.py' not found; experiments here:"),
+    (["--config", "experiments/nope.py"], "config file 'experiments/nope.py' not found; shipped experiments: bert_base,"),
+    (["--config", "transfer_classify", "--set", "init_from=no/such/run"], "init_from='no/such/run' does not exist"),
 ]
 
 
@@ -57,3 +60,14 @@ def test_a_broken_experiment_file_is_named(tmp_path, capsys):
 def test_generate_and_eval_need_a_run(tmp_path, capsys):
     assert cli.main(["generate", "--workdir", str(tmp_path), "--prompt", "x"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_config_by_shipped_name_or_own_file(tmp_path, monkeypatch):
+    from transformer_jax.experiment import EXPERIMENTS_DIR, load_experiment
+    monkeypatch.chdir(tmp_path)  # names resolve inside the package, not against the working directory
+    assert EXPERIMENTS_DIR.parent == Path(cli.__file__).parent and load_experiment("tiny").name == "tiny"
+    own = tmp_path / "mine" / "exp.py"
+    own.parent.mkdir()
+    own.write_text("from transformer_jax.experiment import load_experiment\n\n\n"
+                   "def get_config():\n    return load_experiment('tiny').replace(name='mine')\n")
+    assert load_experiment("mine/exp.py").name == "mine"

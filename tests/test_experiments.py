@@ -39,7 +39,7 @@ def test_config_validates_and_docstring_says_how_to_run_it(name):
     doc = _doc(name)
     chip, chips = _chip_and_count(doc)
     assert chip in CHIPS and math.prod(cfg.mesh.sizes) == chips, (chip, chips, cfg.mesh.sizes)
-    assert re.search(rf"(tpu_vm\.sh|gpu_slurm\.sbatch) .*--config experiments/{name}\.py", doc)
+    assert re.search(rf"launch/(tpu_vm\.sh|gpu_slurm\.sbatch)( .*)? -- --config {name}\b", doc)
     for needle in ("Mesh", "preset", "Data:", "tokens/s/chip", "MFU", "predict"):
         assert needle.lower() in doc.lower(), needle
     assert cfg.train.global_batch_size % (cfg.mesh.data * cfg.mesh.fsdp) == 0

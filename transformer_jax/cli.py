@@ -1,12 +1,13 @@
 """The `transformer-jax` command line (also `python -m transformer_jax`).
 
-    transformer-jax train [--config experiments/NAME.py] [--set key.path=value ...] [--workdir DIR]
+    transformer-jax train [--config NAME|path/to/file.py] [--set key.path=value ...] [--workdir DIR]
     transformer-jax eval --workdir DIR [--set ...]
     transformer-jax info [--config ...] [--set ...]
     transformer-jax plan --config NAME [--mesh data=..,fsdp=..,tensor=..] [--chip v5e|v5p|h100|h200|cpu] [--set ...]
     transformer-jax generate --workdir DIR --prompt "def " [--max-new-tokens N] [--temperature T]
 
-With no --config, `train` runs experiments/default.py. A bad setting is one line on stderr
+NAME is a shipped experiment (transformer_jax/experiments/NAME.py); with no --config, `train`
+runs `default`. A bad setting is one line on stderr
 and exit status 2, never a traceback.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(s, workdir_required=False):
-        s.add_argument("--config", help="experiment file (default: experiments/default.py) or its name")
+        s.add_argument("--config", help="a shipped experiment's name (default: default) or your own experiment file")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.steps=100 (repeatable)")
         s.add_argument("--workdir", required=workdir_required, help="run directory (default: runs/<name>)")
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             return plan_cli(cfg, args)
         workdir = Path(args.workdir) if args.workdir else Path("runs") / cfg.name
         if args.command == "train":
+            _check_init_from(cfg.init_from, workdir)
             from transformer_jax.train.loop import train
             train(cfg, workdir)
         elif args.command == "eval":
@@ -82,6 +84,15 @@ def _load(args, load_experiment):
         cfg = ExperimentConfig.from_json((Path(args.workdir) / "config.json").read_text())
         return cfg.apply_overrides(args.overrides)
     return load_experiment(args.config, args.overrides)
+
+
+def _check_init_from(init_from: str | None, workdir: Path) -> None:
+    """A fine-tune whose backbone is missing stops here, in one line, before compiling (a run
+    that resumes from its own checkpoint never reads init_from)."""
+    if init_from and not Path(init_from).exists() and not (workdir / "checkpoints").is_dir():
+        from transformer_jax.config import ConfigError
+        raise ConfigError(f"init_from={init_from!r} does not exist (relative to {Path.cwd()}); train that run first "
+                          "(the experiment's docstring has the command) or --set init_from=DIR (none: from scratch)")
 
 
 def _quiet_libraries() -> None:

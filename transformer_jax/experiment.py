@@ -17,7 +17,7 @@ from transformer_jax.models.config import ModelConfig
 from transformer_jax.parallel import MeshConfig
 from transformer_jax.train import OptimizerConfig, TaskConfig
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"  # shipped in the package
 DEFAULT_EXPERIMENT = EXPERIMENTS_DIR / "default.py"
 
 
@@ -79,13 +79,14 @@ class ExperimentConfig(Config):
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Imports the experiment file (default: experiments/default.py) and applies overrides."""
+    """Imports the experiment file (a path, or the name of a shipped experiment; default:
+    `default`) and applies overrides."""
     path = Path(path) if path else DEFAULT_EXPERIMENT
     if not path.exists() and not path.suffix and (EXPERIMENTS_DIR / f"{path}.py").exists():
-        path = EXPERIMENTS_DIR / f"{path}.py"  # `--config bert_mlm` finds experiments/bert_mlm.py
+        path = EXPERIMENTS_DIR / f"{path}.py"  # `--config bert_mlm`: the shipped bert_mlm.py
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_")))
-        raise ConfigError(f"config file {str(path)!r} not found; experiments here: {known}")
+        raise ConfigError(f"config file {str(path)!r} not found; shipped experiments: {known}")
     spec = importlib.util.spec_from_file_location(f"_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:

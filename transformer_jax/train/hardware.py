@@ -41,7 +41,7 @@ CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v5p", 459e12, 95 * GIB, 2.76e12, 2 * 9e10, 0.95, "TPU v5p: 459 TFLOP/s bf16, 95 GiB HBM2e at 2.76 TB/s, ICI 90 GB/s/link one-way"),
     Chip("v6e", 918e12, 32 * GIB, 1.64e12, 2 * 9e10, 0.95, "TPU v6e (Trillium): 918 TFLOP/s bf16, 32 GiB HBM at 1.64 TB/s, ICI 90 GB/s/link one-way"),
     # JAX preallocates 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise;
-    # experiments/launch/gpu_slurm.sbatch sets it to 0.90.
+    # launch/gpu_slurm.sbatch sets it to 0.90.
     Chip("a100", 312e12, 80 * GIB, 2.039e12, 300e9, 0.90, "A100 SXM4 80GB: 312 TFLOP/s bf16, 2.04 TB/s, NVLink3 300 GB/s one-way"),
     Chip("h100", 989e12, 80 * GIB, 3.35e12, 450e9, 0.90, "H100 SXM5: 989 TFLOP/s bf16 dense, 80 GiB HBM3 at 3.35 TB/s, NVLink4 450 GB/s one-way"),
     Chip("h200", 989e12, 140 * GIB, 4.8e12, 450e9, 0.90, "H200 SXM: 989 TFLOP/s bf16 dense, 141 GB HBM3e at 4.8 TB/s, NVLink4 450 GB/s one-way"),

@@ -1,6 +1,6 @@
 """GPT-2 small (124M) causal LM on One Billion Word, sized for one TPU v5e-8 host (8 chips).
 
-    bash experiments/launch/tpu_vm.sh --name gpt2-small --type v5litepod-8 -- --config experiments/gpt2_small.py
+    bash launch/tpu_vm.sh --name gpt2-small --type v5litepod-8 -- --config gpt2_small
     transformer-jax plan --config gpt2_small --chip v5e          # the prediction below
 
 Hardware: TPU v5e-8 (8 chips, 16 GiB HBM each, one host). Mesh data=1 x fsdp=8 x tensor=1,

@@ -1,6 +1,6 @@
 """BERT-style masked LM on the embedded Python-source corpus, a few minutes on a 2-core CPU.
 
-    transformer-jax train --config experiments/bert_mlm.py
+    transformer-jax train --config bert_mlm
 
 A 4-layer, 256-wide post-norm encoder (BERT's recipe: learned positions, embedding LayerNorm,
 GELU, MLM head tied to the embeddings) learns to fill in 15% of the tokens (80% [MASK],

@@ -1,6 +1,6 @@
 """GPT-2 XL (1.56B) causal LM on One Billion Word, sized for a TPU v5p-32 slice (16 chips, 4 hosts).
 
-    bash experiments/launch/tpu_vm.sh --name gpt2-xl --type v5p-32 -- --config experiments/gpt2_xl.py
+    bash launch/tpu_vm.sh --name gpt2-xl --type v5p-32 -- --config gpt2_xl
     transformer-jax plan --config gpt2_xl --chip v5p             # the prediction below
 
 Hardware: TPU v5p-32 = 16 chips (95 GiB HBM each) on 4 hosts, one ICI domain. Mesh data=1 x

@@ -1,6 +1,6 @@
 """BERT-base (110M) masked LM on One Billion Word, sized for one TPU v5e-8 host (8 chips).
 
-    bash experiments/launch/tpu_vm.sh --name bert-base --type v5litepod-8 -- --config experiments/bert_base.py
+    bash launch/tpu_vm.sh --name bert-base --type v5litepod-8 -- --config bert_base
     transformer-jax plan --config bert_base --chip v5e           # the prediction below
 
 Hardware: TPU v5e-8 (8 chips, 16 GiB each, one host). Mesh data=8 x fsdp=1 x tensor=1, preset

@@ -1,7 +1,7 @@
 """A Llama-3-8B-shaped decoder (8.0B: GQA 32/8 heads, SwiGLU, RoPE, untied 128k vocabulary) on
 PG-19 at 8k context, sized for a TPU v5p-64 slice (32 chips, 8 hosts).
 
-    bash experiments/launch/tpu_vm.sh --name llama-8b --type v5p-64 -- --config experiments/llama_8b.py
+    bash launch/tpu_vm.sh --name llama-8b --type v5p-64 -- --config llama_8b
     transformer-jax plan --config llama_8b --chip v5p            # the prediction below
 
 Hardware: TPU v5p-64 = 32 chips (95 GiB HBM each) on 8 hosts, one ICI domain. Mesh data=1 x

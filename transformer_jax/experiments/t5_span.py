@@ -1,6 +1,6 @@
 """T5-style span corruption on the embedded Python-source corpus, a few minutes on a 2-core CPU.
 
-    transformer-jax train --config experiments/t5_span.py
+    transformer-jax train --config t5_span
 
 A 3+3-layer encoder-decoder with T5's recipe (relative position bias, pre-RMSNorm, ReLU,
 tied and scaled output) learns to reconstruct the 15% of tokens hidden in spans of mean

@@ -1,6 +1,6 @@
 """GPT-2 medium (355M) causal LM on One Billion Word, sized for one node of 8 x H100 80GB.
 
-    sbatch --nodes=1 experiments/launch/gpu_slurm.sbatch --config experiments/gpt2_medium.py
+    sbatch --nodes=1 launch/gpu_slurm.sbatch -- --config gpt2_medium
     transformer-jax plan --config gpt2_medium --chip h100        # the prediction below
 
 Hardware: 8 x H100 SXM (NVLink/NVSwitch, one node). Mesh data=1 x fsdp=8 x tensor=1, preset

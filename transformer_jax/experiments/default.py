@@ -1,7 +1,7 @@
 """The default experiment: a small GPT-style decoder LM on the Python standard library's own
 source (the embedded corpus: no download), 15 minutes on a 2-core CPU.
 
-    transformer-jax train                      # = --config experiments/default.py, workdir runs/default
+    transformer-jax train                      # = --config default, workdir runs/default
 
 It trains a byte-level BPE tokenizer (8192 ids) on the train split, then the model until the
 step budget or the wall-clock budget (whichever comes first), evaluates on the whole

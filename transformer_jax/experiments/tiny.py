@@ -1,6 +1,6 @@
 """A seconds-long smoke run of the whole trainer (tests and CI use it).
 
-    transformer-jax train --config experiments/tiny.py --workdir /tmp/tiny
+    transformer-jax train --config tiny --workdir /tmp/tiny
 
 Trains gpt2-tiny (byte tokenizer) for 20 steps of 8 x 64 tokens on the embedded corpus.
 """

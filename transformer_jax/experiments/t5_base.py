@@ -1,6 +1,6 @@
 """T5-base (223M) span corruption on PG-19 books, sized for a TPU v5e-16 slice (16 chips, 4 hosts).
 
-    bash experiments/launch/tpu_vm.sh --name t5-base --type v5litepod-16 -- --config experiments/t5_base.py
+    bash launch/tpu_vm.sh --name t5-base --type v5litepod-16 -- --config t5_base
     transformer-jax plan --config t5_base --chip v5e             # the prediction below
 
 Hardware: TPU v5e-16 = 16 chips (16 GiB each) on 4 hosts, one ICI domain. Mesh data=16 x

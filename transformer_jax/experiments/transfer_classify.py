@@ -2,18 +2,16 @@
 to name the stdlib package a function comes from (python_functions, task "classify",
 16 classes), against the same model and budget from random initialisation.
 
-    # once: the backbone (default location runs/transfer_pretrain, or $TRANSFER_PRETRAIN_DIR)
-    flock /tmp/cpu.lock transformer-jax train --config experiments/transfer_pretrain.py \\
-        --workdir runs/transfer_pretrain
+    # once, in the same directory: the backbone (init_from's default, runs/transfer_pretrain)
+    transformer-jax train --config transfer_pretrain --workdir runs/transfer_pretrain
     # fine-tune from it: backbone restored, fresh classifier head (pooler + linear)
-    flock /tmp/cpu.lock transformer-jax train --config experiments/transfer_classify.py \\
-        --workdir runs/transfer_classify
+    transformer-jax train --config transfer_classify --workdir runs/transfer_classify
     # the baseline: same config and budget, random init
-    flock /tmp/cpu.lock transformer-jax train --config experiments/transfer_classify.py \\
-        --workdir runs/transfer_scratch --set init_from=none
+    transformer-jax train --config transfer_classify --workdir runs/transfer_scratch --set init_from=none
     # LoRA: rank-8 adapters on every attention/MLP kernel; backbone frozen, adapters + head train
-    flock /tmp/cpu.lock transformer-jax train --config experiments/transfer_classify.py \\
-        --workdir runs/transfer_lora --set model.lora_rank=8 --set optimizer.learning_rate=2e-3
+    transformer-jax train --config transfer_classify --workdir runs/transfer_lora \\
+        --set model.lora_rank=8 --set optimizer.learning_rate=2e-3
+    # a backbone elsewhere: --set init_from=DIR
     # other seeds: --set train.seed=1 (head init and data order; the whole init from scratch)
 
 The model (shape, tokenizer: bpe 8192 trained on python_source) is the pretraining run's,
@@ -38,7 +36,6 @@ no model here ever labels xmlrpc (seed-0 runs say idlelib, http, importlib, urll
 xmlrpc functions, 69 of 6,094, in training); a constant "xmlrpc" scores 0.349, a bag-of-words
 naive Bayes 0.151.
 """
-import os
 from pathlib import Path
 
 from transformer_jax.checkpoint import CheckpointConfig
@@ -47,7 +44,7 @@ from transformer_jax.parallel import MeshConfig
 from transformer_jax.train import OptimizerConfig, TaskConfig
 
 HERE = Path(__file__).resolve().parent
-PRETRAIN_DIR = os.environ.get("TRANSFER_PRETRAIN_DIR", str(HERE.parent / "runs" / "transfer_pretrain"))
+PRETRAIN_DIR = "runs/transfer_pretrain"  # relative to the working directory, where transfer_pretrain's command writes it
 
 
 def get_config() -> ExperimentConfig:

@@ -1,6 +1,6 @@
 """The original Transformer (base, 63M) on WMT'14 English-German, sized for one node of 8 x H100.
 
-    sbatch --nodes=1 experiments/launch/gpu_slurm.sbatch --config experiments/transformer_base_wmt14.py
+    sbatch --nodes=1 launch/gpu_slurm.sbatch -- --config transformer_base_wmt14
     transformer-jax plan --config transformer_base_wmt14 --chip h100   # the prediction below
 
 Vaswani et al. (2017): 6+6 layers, d_model 512, 8 heads, d_ff 2048, post-LayerNorm, ReLU,

@@ -1,8 +1,7 @@
 """Transfer learning, step 1: masked-LM pretraining of a BERT-style Encoder on the embedded
 Python-source corpus; its checkpoint is the backbone `transfer_classify.py` fine-tunes.
 
-    flock /tmp/cpu.lock transformer-jax train --config experiments/transfer_pretrain.py \\
-        --workdir runs/transfer_pretrain
+    transformer-jax train --config transfer_pretrain --workdir runs/transfer_pretrain
 
 A 4-layer, 128-wide BERT (post-norm, learned positions, embedding LayerNorm, GELU, MLM head
 tied to the embeddings; 1.88M parameters, bpe 8192) fills in 15% of the tokens of

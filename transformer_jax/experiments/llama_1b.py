@@ -1,7 +1,7 @@
 """A Llama-3.2-1B-shaped decoder (1.24B: GQA 32/8 heads, SwiGLU, RoPE, RMSNorm, 128k vocabulary)
 on PG-19 at 4k context, sized for one TPU v6e-8 host (8 Trillium chips).
 
-    bash experiments/launch/tpu_vm.sh --name llama-1b --type v6e-8 -- --config experiments/llama_1b.py
+    bash launch/tpu_vm.sh --name llama-1b --type v6e-8 -- --config llama_1b
     transformer-jax plan --config llama_1b --chip v6e            # the prediction below
 
 Hardware: TPU v6e-8 (8 chips, 32 GiB each, one host). Mesh data=1 x fsdp=8 x tensor=1, preset
