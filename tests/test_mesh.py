@@ -115,3 +115,69 @@ def test_distributed_environment_detection(monkeypatch):
     assert mesh_lib._env_triple() == ("10.0.0.1:1234", 4, 3)
     assert mesh_lib.maybe_initialize_distributed(MeshConfig(distributed="off")) is False
     assert jax.process_count() == 1
+
+
+# What srun sets in each task, node 1 of a 2-node job with 8 GPUs per node.
+_NODE1 = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "gpu[1-2]", "SLURM_NTASKS": "16", "SLURM_NODEID": "1",
+          "SLURM_GPUS_ON_NODE": "8", "SLURM_STEP_GPUS": "0,1,2,3,4,5,6,7", "SLURM_JOB_GPUS": "0,1,2,3,4,5,6,7"}
+_ALL8 = "0,1,2,3,4,5,6,7"
+SLURM_LAYOUTS = {
+    # srun --ntasks-per-node=1 (the sbatch's --per-node): one process drives the node's 8 GPUs.
+    "per_node": (dict(_NODE1, SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NTASKS_PER_NODE="1",
+                      SLURM_STEP_TASKS_PER_NODE="1(x2)", CUDA_VISIBLE_DEVICES=_ALL8), list(range(8))),
+    # srun --ntasks-per-node=8 --gpus-per-task=1, devices constrained by cgroups: each task sees its GPU as 0.
+    "per_gpu_gpus_per_task": (dict(_NODE1, SLURM_PROCID="11", SLURM_LOCALID="3", SLURM_NTASKS_PER_NODE="8",
+                                   SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_GPUS_PER_TASK="1",
+                                   CUDA_VISIBLE_DEVICES="0"), [0]),
+    # the same without device cgroups: CUDA_VISIBLE_DEVICES names the physical GPU, still ordinal 0 to CUDA.
+    "per_gpu_gpus_per_task_no_cgroup": (dict(_NODE1, SLURM_PROCID="11", SLURM_LOCALID="3",
+                                             SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_GPUS_PER_TASK="1",
+                                             CUDA_VISIBLE_DEVICES="3"), [0]),
+    # srun --ntasks-per-node=8 --gpu-bind=single:1 (binding without --gpus-per-task): one GPU each.
+    "per_gpu_gpu_bind": (dict(_NODE1, SLURM_PROCID="13", SLURM_LOCALID="5", SLURM_STEP_TASKS_PER_NODE="8(x2)",
+                              CUDA_VISIBLE_DEVICES="5"), [0]),
+    # srun --ntasks-per-node=8 with the job's --gpus-per-node=8, no binding: all tasks see all 8.
+    "per_gpu_shared": (dict(_NODE1, SLURM_PROCID="11", SLURM_LOCALID="3", SLURM_NTASKS_PER_NODE="8",
+                            SLURM_STEP_TASKS_PER_NODE="8(x2)", CUDA_VISIBLE_DEVICES=_ALL8), [3]),
+    # srun --ntasks-per-node=4, no binding: two GPUs per task.
+    "two_per_task_shared": (dict(_NODE1, SLURM_NTASKS="8", SLURM_PROCID="5", SLURM_LOCALID="1",
+                                 SLURM_STEP_TASKS_PER_NODE="4(x2)", CUDA_VISIBLE_DEVICES=_ALL8), [2, 3]),
+    # no CUDA_VISIBLE_DEVICES (GRES without env): physical ids from the step's allocation.
+    "per_node_physical_ids": (dict(_NODE1, SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0",
+                                   SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_STEP_GPUS="4,5,6,7"), [4, 5, 6, 7]),
+    # uneven tasks ("2,1"): node 1 runs one task, which takes the node.
+    "uneven_tasks": (dict(_NODE1, SLURM_NTASKS="3", SLURM_PROCID="2", SLURM_LOCALID="0",
+                          SLURM_STEP_TASKS_PER_NODE="2,1", CUDA_VISIBLE_DEVICES="0,1"), [0, 1]),
+    # a CPU job (no GPUs allocated): jax's own default stands.
+    "cpu_job": ({"SLURM_JOB_ID": "42", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1",
+                 "SLURM_STEP_TASKS_PER_NODE": "2"}, None),
+    "no_gpus_allocated": (dict(_NODE1, SLURM_LOCALID="0", SLURM_STEP_TASKS_PER_NODE="1(x2)",
+                               CUDA_VISIBLE_DEVICES="NoDevFiles", SLURM_STEP_GPUS=""), None),
+    "not_slurm": ({"CUDA_VISIBLE_DEVICES": _ALL8}, None),
+}
+
+
+@pytest.mark.parametrize("layout", SLURM_LAYOUTS)
+def test_local_device_ids_for_each_slurm_layout(layout):
+    env, expected = SLURM_LAYOUTS[layout]
+    assert mesh_lib.local_device_ids_for_slurm(env) == expected
+
+
+def test_slurm_tasks_that_do_not_divide_the_gpus_are_one_line():
+    env = dict(_NODE1, SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_STEP_TASKS_PER_NODE="3(x2)",
+               CUDA_VISIBLE_DEVICES=_ALL8)
+    with pytest.raises(ConfigError, match=r"^3 SLURM tasks share 8 GPUs on this node, which does not divide; "):
+        mesh_lib.local_device_ids_for_slurm(env)
+
+
+def test_slurm_initialize_gets_the_layouts_device_ids(monkeypatch):
+    """What reaches jax.distributed.initialize (recorded: a real one would wait for 2 processes)."""
+    env, expected = SLURM_LAYOUTS["per_node"]
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    assert mesh_lib.maybe_initialize_distributed(MeshConfig()) is True
+    assert calls == [((), {"local_device_ids": expected})]

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
@@ -157,6 +158,62 @@ def _env_triple() -> tuple[str, int, int] | None:
                           "must be integers") from None
 
 
+def _gpu_list(value: str | None) -> list[str] | None:
+    """A GPU list variable ("0,1,2,3", UUIDs); None when unset, [] for none (SLURM's "NoDevFiles")."""
+    if value is None:
+        return None
+    return [g for g in value.split(",") if g.strip() and g.strip() != "NoDevFiles"]
+
+
+def _tasks_on_this_node(env: Mapping[str, str]) -> int:
+    """How many tasks of this step run on this node: SLURM_STEP_TASKS_PER_NODE ("8(x2)" or
+    "2,1"; srun sets it) at SLURM_NODEID, else SLURM_NTASKS_PER_NODE, else 1."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if spec:
+        counts = []
+        for part in spec.split(","):
+            n, _, times = part.partition("(x")
+            counts += [int(n)] * (int(times.rstrip(")")) if times else 1)
+        node = int(env.get("SLURM_NODEID", 0))
+        return counts[node] if node < len(counts) else counts[0]
+    return int(env.get("SLURM_NTASKS_PER_NODE", 1))
+
+
+def local_device_ids_for_slurm(env: Mapping[str, str]) -> list[int] | None:
+    """The GPU ordinals this SLURM task should drive, for `jax.distributed.initialize`.
+
+    Left to itself jax uses `[SLURM_LOCALID]`, right only when every task of a node sees all
+    of its GPUs and drives one. The layouts:
+      - one task per node (`--ntasks-per-node=1`): all the GPUs it sees;
+      - one task per GPU with `--gpus-per-task=1` (or any `--gpu-bind` that gives each task
+        its own GPUs): each task sees only its own, as ordinal 0: all it sees, [0];
+      - k tasks sharing a node's n visible GPUs (`--ntasks-per-node=k --gpus-per-node=n`,
+        no binding): task i drives ordinals i*n/k ... (i+1)*n/k - 1.
+    Ordinals count the GPUs CUDA sees: CUDA_VISIBLE_DEVICES (SLURM sets it per task, or per
+    node, from the allocation); without it, the physical ids in SLURM_STEP_GPUS/SLURM_JOB_GPUS.
+    None where the job has no GPU information (a CPU job: jax's default is harmless)."""
+    if "SLURM_JOB_ID" not in env:
+        return None
+    visible = _gpu_list(env.get("CUDA_VISIBLE_DEVICES"))
+    if visible is not None:
+        ordinals = list(range(len(visible)))
+    else:
+        physical = _gpu_list(env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS"))
+        if not physical:
+            return None
+        ordinals = [int(g) for g in physical]
+    if not ordinals:
+        return None
+    tasks = _tasks_on_this_node(env)
+    if tasks == 1 or "SLURM_GPUS_PER_TASK" in env or len(ordinals) < tasks:
+        return ordinals  # this task's own GPUs
+    if len(ordinals) % tasks:
+        raise ConfigError(f"{tasks} SLURM tasks share {len(ordinals)} GPUs on this node, which does not divide; "
+                          "use srun --gpus-per-task=N, or a task count that divides the GPUs")
+    per_task, local = len(ordinals) // tasks, int(env["SLURM_LOCALID"])
+    return ordinals[local * per_task:(local + 1) * per_task]
+
+
 def _already_initialized() -> bool:
     from jax._src import distributed
     return distributed.global_state.client is not None
@@ -180,8 +237,11 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> bool:
     env = _distributed_env()
     if env is None:
         return False
-    log.info("jax.distributed.initialize() for a %s job", env)
-    jax.distributed.initialize()  # jax reads the cluster from the environment
+    # jax reads the cluster from the environment; which GPUs this process drives it gets
+    # right under SLURM only for one task per GPU that sees them all, so it is passed.
+    local_device_ids = local_device_ids_for_slurm(os.environ) if env == "slurm" else None
+    log.info("jax.distributed.initialize(local_device_ids=%s) for a %s job", local_device_ids, env)
+    jax.distributed.initialize(local_device_ids=local_device_ids)
     return True
 
 
