@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TPU = ROOT / "experiments" / "launch" / "tpu_vm.sh"
-SLURM = ROOT / "experiments" / "launch" / "gpu_slurm.sbatch"
+TPU = ROOT / "launch" / "tpu_vm.sh"
+SLURM = ROOT / "launch" / "gpu_slurm.sbatch"
 
 
 def _run(script, *args, env=None):
@@ -40,28 +40,136 @@ def test_shellcheck_clean(script):
     assert r.returncode == 0, r.stdout
 
 
-def test_tpu_pod_dry_run():
+def _remote(cmd):
+    return next(a for a in cmd if a.startswith("--command="))[len("--command="):]
+
+
+def test_tpu_spot_pod_dry_run():
     r = _run(TPU, "--dry-run", "--name", "my-pod", "--type", "v5litepod-16", "--zone", "us-east5-b", "--spot",
-             "--bucket", "my-bucket", "--", "--config", "experiments/t5_base.py", "--set", "train.steps=10")
+             "--max-restarts", "3", "--bucket", "gs://my-bucket", "--", "--config", "t5_base", "--set",
+             "train.steps=10")
     assert r.returncode == 0, r.stderr
-    assert "16 chips, 4 worker(s)" in r.stdout
+    assert "16 chips, 4 worker(s)" in r.stdout and "Python 3.11 (uv); up to 3 restart(s)" in r.stdout
     cmds = _commands(r.stdout)
     gcloud = [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]]
     verbs = [c[4] for c in gcloud]
-    assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh", "ssh", "delete"], verbs
-    create = gcloud[1]
-    assert {"--accelerator-type=v5litepod-16", "--zone=us-east5-b", "--spot", "--version=v2-alpha-tpuv5-lite"} <= set(create)
-    # install, mount and train on every worker; stream worker 0
+    assert verbs == ["describe", "delete", "create", "scp"] + ["ssh"] * 7 + ["delete"], verbs
+    assert "--format=value(state)" in gcloud[0]  # PREEMPTED/TERMINATED: delete and recreate
+    assert "PREEMPTED, TERMINATED" in r.stdout and "back to the top, up to 3 more time(s)" in r.stdout
+    assert {"--accelerator-type=v5litepod-16", "--zone=us-east5-b", "--spot", "--version=v2-alpha-tpuv5-lite"} <= set(
+        gcloud[2])
     ssh = [c for c in gcloud if c[4] in ("scp", "ssh")]
-    assert [next(a for a in c if a.startswith("--worker=")) for c in ssh] == ["--worker=all"] * 4 + ["--worker=0"]
-    remote = [next(a for a in c if a.startswith("--command="))[len("--command="):] for c in gcloud if c[4] == "ssh"]
-    assert "pip install -q -e ~/transformer_jax" in remote[0] and "'jax[tpu]'" in remote[0]
-    assert "gcsfuse --implicit-dirs my-bucket /mnt/my-bucket" in remote[1]
-    train = shlex.split(remote[2].split("nohup ", 1)[1].split(" >", 1)[0])
-    assert train == ["~/tjax/bin/transformer-jax", "train", "--config", "experiments/t5_base.py", "--set",
-                     "train.steps=10", "--workdir", "/mnt/my-bucket/runs/my-pod"]
-    assert "tail -n +1 -F ~/train.log" in remote[3]
+    workers = [next(a for a in c if a.startswith("--worker=")) for c in ssh]
+    assert workers == ["--worker=all"] * 4 + [f"--worker={i}" for i in range(4)], workers
+    install, mount, start, *follow = [_remote(c) for c in gcloud if c[4] == "ssh"]
+    # Python >= 3.11 from uv, the pinned versions, the package itself not editable
+    assert "curl -LsSf https://astral.sh/uv/0.13.9/install.sh | sh" in install
+    assert "uv venv -q --allow-existing --python 3.11 ~/tjax" in install
+    assert "uv pip sync -q --python ~/tjax/bin/python ~/transformer_jax/launch/requirements-tpu.txt" in install
+    assert "--no-deps --reinstall-package transformer-jax ~/transformer_jax" in install and " -e " not in install
+    # gcsfuse from Google's apt repository, with the renames orbax's commit needs
+    assert "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" in mount
+    assert "signed-by=/usr/share/keyrings/cloud.google.asc" in mount and "install -y gcsfuse" in mount
+    assert ("gcsfuse --implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0 my-bucket /mnt/my-bucket"
+            in mount)
+    train = shlex.split(start.split("HUP; ", 1)[1].split(" &", 1)[0])
+    assert train == ["~/tjax/bin/transformer-jax", "train", "--config", "t5_base", "--set", "train.steps=10",
+                     "--workdir", "/mnt/my-bucket/runs/my-pod"]
+    assert "> ~/train.log 2>&1 < /dev/null &" in start and "echo $? > ~/train.exit" in start
+    # every worker's log, prefixed and kept
+    assert all("tail -n +1 -F ~/train.log" in f and "exit $(cat ~/train.exit)" in f for f in follow)
+    for i in range(4):
+        assert f"| tee -a tpu-logs/my-pod/worker-{i}.log | sed 's/^/[worker {i}] /'" in r.stdout
     assert gcloud[-1][-1] == "--quiet"
+
+
+def test_tpu_queued_resource_dry_run():
+    r = _run(TPU, "--dry-run", "--queued", "--spot", "--name", "q", "--type", "v6e-8", "--", "--config", "tiny")
+    assert r.returncode == 0, r.stderr
+    qr = [c for c in _commands(r.stdout) if c[:4] == ["gcloud", "compute", "tpus", "queued-resources"]]
+    assert [c[4] for c in qr] == ["describe", "delete", "create", "delete"]
+    assert {"--node-id=q", "--accelerator-type=v6e-8", "--runtime-version=v2-alpha-tpuv6e", "--spot"} <= set(qr[2])
+    assert "--format=value(state.state)" in qr[0] and "--force" in qr[1]
+
+
+def test_tpu_ships_untracked_experiments_and_refuses_files_it_cannot(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy(TPU, repo / "launch" / "tpu_vm.sh")
+    (repo / "mine.py").write_text("x = 1\n")
+    (repo / ".gitignore").write_text("ignored.py\n")
+    (repo / "ignored.py").write_text("x = 1\n")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "launch", ".gitignore"], check=True)
+    script = repo / "launch" / "tpu_vm.sh"
+    r = subprocess.run(["bash", str(script), "--dry-run", "--name", "x", "--type", "v4-8", "--", "--config",
+                        "mine.py"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0 and "# shipping untracked files too: mine.py" in r.stdout, r.stdout + r.stderr
+    assert "transformer-jax train --config mine.py" in r.stdout
+    for bad in ("ignored.py", str(tmp_path / "elsewhere.py")):
+        r = subprocess.run(["bash", str(script), "--dry-run", "--name", "x", "--type", "v4-8", "--", "--config", bad],
+                           cwd=repo, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"tpu_vm.sh: --config {bad} is not in this checkout (or git ignores it)")
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# A stand-in for gcloud: records each call; the VM's state lives in $FAKE/state.
+echo "$*" >> "$FAKE/calls"
+case "$*" in
+  *" describe "*) [[ -s "$FAKE/state" ]] || exit 1; cat "$FAKE/state" ;;
+  *" create "*) echo READY > "$FAKE/state" ;;
+  *" delete "*) rm -f "$FAKE/state" ;;
+  *"--worker=all"*) ;;
+  *" ssh "*)
+    all="$*"; w="${all##*--worker=}"; w="${w%% *}"
+    echo "step 10 loss 2.0"
+    if [[ -e "$FAKE/preempt_$w" ]]; then rm "$FAKE/preempt_$w"; echo PREEMPTED > "$FAKE/state"; exit 255; fi
+    if [[ -e "$FAKE/fail_$w" ]]; then echo "Traceback: boom"; exit 1; fi ;;
+esac
+"""
+
+
+def _fake_gcloud(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "bin" / "gcloud").write_text(FAKE_GCLOUD)
+    (fake / "bin" / "gcloud").chmod(0o755)
+    env = {"FAKE": str(fake), "PATH": f"{fake / 'bin'}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    return fake, env
+
+
+def test_tpu_spot_preemption_recreates_the_vm_and_resumes(tmp_path):
+    """The launcher's own loop, with gcloud replaced: worker 2's ssh dies as the VM is preempted;
+    the launcher deletes and recreates the VM, installs and starts again, then finishes."""
+    fake, env = _fake_gcloud(tmp_path)
+    (fake / "preempt_2").touch()
+    r = subprocess.run(["bash", str(TPU), "--name", "x", "--type", "v5litepod-16", "--spot", "--max-restarts", "3",
+                        "--bucket", "b", "--logs", str(tmp_path / "logs"), "--", "--config", "tiny"],
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, **env), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (fake / "calls").read_text().splitlines()
+    verbs = [c.split()[3] for c in calls]
+    round_ = ["scp", "ssh", "ssh", "ssh"] + ["ssh"] * 4
+    assert verbs == (["describe", "create", "describe"] + round_ + ["describe", "describe", "delete", "create",
+                                                                   "describe"] + round_ + ["delete"]), verbs
+    assert "# x is PREEMPTED (worker exit 255): restart 1 of 3, resuming from gs://b" in r.stdout
+    assert "[worker 3] step 10 loss 2.0" in r.stdout and "# training finished on all 4 worker(s)" in r.stdout
+    for i in range(4):  # both attempts' lines, in each worker's own file
+        assert (tmp_path / "logs" / f"worker-{i}.log").read_text().count("step 10 loss 2.0") == 2
+
+
+def test_tpu_training_failure_on_a_healthy_vm_is_not_retried(tmp_path):
+    fake, env = _fake_gcloud(tmp_path)
+    (fake / "fail_1").touch()
+    r = subprocess.run(["bash", str(TPU), "--name", "x", "--type", "v5litepod-16", "--max-restarts", "3", "--bucket",
+                        "b", "--logs", str(tmp_path / "logs"), "--", "--config", "tiny"],
+                       capture_output=True, text=True, timeout=60, env=dict(os.environ, **env), cwd=tmp_path)
+    assert r.returncode == 1
+    assert "[worker 1] Traceback: boom" in r.stdout and "# worker 1: exit 1" in r.stdout
+    assert r.stderr.startswith("tpu_vm.sh: training failed (exit 1) on a healthy VM; not restarting.")
+    verbs = [c.split()[3] for c in (fake / "calls").read_text().splitlines()]
+    assert verbs.count("create") == 1 and verbs[-2:] == ["describe", "delete"], verbs
 
 
 @pytest.mark.parametrize("tpu_type,chips,workers", [("v5litepod-8", 8, 1), ("v4-32", 16, 4), ("v5p-64", 32, 8),
@@ -69,7 +177,8 @@ def test_tpu_pod_dry_run():
 def test_tpu_types_and_keep(tpu_type, chips, workers):
     r = _run(TPU, "--dry-run", "--keep", "--name", "x", "--type", tpu_type, "--", "--config", "tiny")
     assert r.returncode == 0 and f"{chips} chips, {workers} worker(s)" in r.stdout, r.stdout + r.stderr
-    assert "delete" not in {c[4] for c in _commands(r.stdout) if c[0] == "gcloud"} and "# kept x" in r.stdout
+    verbs = [c[4] for c in _commands(r.stdout) if c[0] == "gcloud"]
+    assert verbs[-1] != "delete" and verbs.count("delete") == 1 and "# kept x" in r.stdout  # only a dead VM's
 
 
 def test_tpu_bad_arguments_are_one_line():
