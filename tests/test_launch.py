@@ -189,25 +189,55 @@ def test_tpu_bad_arguments_are_one_line():
 
 
 def test_slurm_submission_dry_run_outside_a_job():
-    r = _run(SLURM, "--dry-run", "--nodes", "2", "--", "--config", "experiments/gpt2_medium.py")
+    r = _run(SLURM, "--dry-run", "--nodes", "2", "--gpus-per-task", "--", "--config", "gpt2_medium")
     assert r.returncode == 0, r.stderr
     (cmd,) = _commands(r.stdout)
-    assert cmd[:3] == ["sbatch", "--nodes=2", "--gpus-per-node=8"] and cmd[3].endswith("gpu_slurm.sbatch")
-    assert cmd[cmd.index("--"):] == ["--", "--config", "experiments/gpt2_medium.py"]
+    assert cmd[:3] == ["sbatch", "--nodes=2", "--gpus-per-node=8"] and cmd[3] == f"{ROOT}/launch/gpu_slurm.sbatch"
+    assert "--gpus-per-task" in cmd[4:cmd.index("--")]
+    assert cmd[cmd.index("--"):] == ["--", "--config", "gpt2_medium"]
 
 
-@pytest.mark.parametrize("per_node,tasks,gpus", [(False, 8, 1), (True, 1, 8)])
-def test_slurm_two_node_job_dry_run(per_node, tasks, gpus, tmp_path):
+# layout flag -> srun's task and GPU flags, and the local_device_ids each process gets (tests/test_mesh.py)
+SLURM_LAYOUTS = {
+    "per_gpu_shared": ([], 8, "--gpus-per-node=8", "all visible (local_device_ids [SLURM_LOCALID])"),
+    "per_gpu_gpus_per_task": (["--gpus-per-task"], 8, "--gpus-per-task=1", "bound (local_device_ids [0])"),
+    "per_node": (["--per-node"], 1, "--gpus-per-node=8", "1 process per node x 8 GPUs (local_device_ids 0-7)"),
+}
+
+
+@pytest.mark.parametrize("layout", SLURM_LAYOUTS)
+def test_slurm_two_node_job_dry_run(layout):
+    flags, tasks, gpu_flag, says = SLURM_LAYOUTS[layout]
     env = dict(SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="2", SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96",
                SLURM_JOB_NAME="gpt2", SLURM_SUBMIT_DIR=str(ROOT))
-    args = ["--dry-run"] + (["--per-node"] if per_node else [])
-    r = _run(SLURM, *args, "--", "--config", "experiments/gpt2_medium.py", "--set", "train.steps=10", env=env)
+    r = _run(SLURM, "--dry-run", *flags, "--", "--config", "gpt2_medium", "--set", "train.steps=10", env=env)
     assert r.returncode == 0, r.stderr
-    assert f"2 node(s) x {tasks} process(es) per node x {gpus} GPU(s) per process" in r.stdout
+    assert "# 2 node(s): " in r.stdout and says in r.stdout, r.stdout
     (cmd,) = _commands(r.stdout)
-    assert cmd[:5] == ["srun", "--nodes=2", f"--ntasks-per-node={tasks}", f"--gpus-per-task={gpus}",
-                       f"--cpus-per-task={96 // tasks}"]
+    assert cmd[:6] == ["srun", "--nodes=2", f"--ntasks-per-node={tasks}", gpu_flag, f"--cpus-per-task={96 // tasks}",
+                       "--kill-on-bad-exit=1"]
     i = cmd.index("train")
     assert cmd[i - 1] == f"{ROOT}/.venv/bin/transformer-jax"
-    assert cmd[i + 1:] == ["--config", "experiments/gpt2_medium.py", "--set", "train.steps=10",
-                           "--workdir", f"{ROOT}/runs/gpt2-4242"]
+    assert cmd[i + 1:] == ["--config", "gpt2_medium", "--set", "train.steps=10", "--workdir", f"{ROOT}/runs/gpt2-4242"]
+
+
+def test_slurm_layout_flags_exclude_each_other():
+    r = _run(SLURM, "--dry-run", "--per-node", "--gpus-per-task", "--", "--config", "tiny",
+             env=dict(SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(ROOT)))
+    assert r.returncode == 2 and r.stderr == "gpu_slurm.sbatch: --per-node and --gpus-per-task exclude each other\n"
+
+
+def test_requirements_pin_every_dependency():
+    """launch/requirements-tpu.txt (what every TPU worker installs) pins each dependency of the
+    package and of its tpu extra, at a version the pyproject allows."""
+    import tomllib
+    from packaging.requirements import Requirement
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(line.split("==") for line in (ROOT / "launch" / "requirements-tpu.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    pins = {k.lower().replace("_", "-"): v for k, v in pins.items()}
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["tpu"]]
+    for req in wanted:
+        name = req.name.lower().replace("_", "-")
+        assert name in pins and req.specifier.contains(pins[name], prereleases=True), (req, pins.get(name))
+    assert "libtpu" in pins  # from jax[tpu]: the TPU runtime is pinned too

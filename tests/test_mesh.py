@@ -133,6 +133,13 @@ SLURM_LAYOUTS = {
     "per_gpu_gpus_per_task_no_cgroup": (dict(_NODE1, SLURM_PROCID="11", SLURM_LOCALID="3",
                                              SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_GPUS_PER_TASK="1",
                                              CUDA_VISIBLE_DEVICES="3"), [0]),
+    # srun --ntasks-per-node=2 --gpus-per-task=4: four of its own each.
+    "two_tasks_four_gpus_each": (dict(_NODE1, SLURM_NTASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1",
+                                      SLURM_STEP_TASKS_PER_NODE="2(x2)", SLURM_GPUS_PER_TASK="h100:4",
+                                      CUDA_VISIBLE_DEVICES="4,5,6,7"), [0, 1, 2, 3]),
+    # --gpus-per-task=1 overridden by --gpu-bind=none: every task sees all 8 again.
+    "gpus_per_task_unbound": (dict(_NODE1, SLURM_PROCID="11", SLURM_LOCALID="3", SLURM_STEP_TASKS_PER_NODE="8(x2)",
+                                   SLURM_GPUS_PER_TASK="1", CUDA_VISIBLE_DEVICES=_ALL8), [3]),
     # srun --ntasks-per-node=8 --gpu-bind=single:1 (binding without --gpus-per-task): one GPU each.
     "per_gpu_gpu_bind": (dict(_NODE1, SLURM_PROCID="13", SLURM_LOCALID="5", SLURM_STEP_TASKS_PER_NODE="8(x2)",
                               CUDA_VISIBLE_DEVICES="5"), [0]),

@@ -205,7 +205,9 @@ def local_device_ids_for_slurm(env: Mapping[str, str]) -> list[int] | None:
     if not ordinals:
         return None
     tasks = _tasks_on_this_node(env)
-    if tasks == 1 or "SLURM_GPUS_PER_TASK" in env or len(ordinals) < tasks:
+    per_task = env.get("SLURM_GPUS_PER_TASK")  # "2" or "a100:2"
+    per_task = int(per_task.rpartition(":")[2]) if per_task else None
+    if tasks == 1 or len(ordinals) < tasks or (per_task is not None and len(ordinals) <= per_task):
         return ordinals  # this task's own GPUs
     if len(ordinals) % tasks:
         raise ConfigError(f"{tasks} SLURM tasks share {len(ordinals)} GPUs on this node, which does not divide; "
