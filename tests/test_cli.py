@@ -31,7 +31,8 @@ CASES = [
     (["--set", "mesh.data=8", "--set", "train.global_batch_size=12"], "global batch 12 is not divisible by"),
     (["--set", "checkpoint.keep_last=0"], "keep_last"),
     (["--set", "train.steps"], "override 'train.steps' must look like key.path=value"),
-    (["--config", "experiments/nope.py"], "config file 'experiments/nope.py' not found; shipped experiments: bert_base,"),
+    (["--config", "experiments/nope.py"],
+     "config file 'experiments/nope.py' not found; shipped experiments: bert_base,"),
     (["--config", "transfer_classify", "--set", "init_from=no/such/run"], "init_from='no/such/run' does not exist"),
 ]
 

@@ -187,4 +187,6 @@ def test_slurm_initialize_gets_the_layouts_device_ids(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
     assert mesh_lib.maybe_initialize_distributed(MeshConfig()) is True
-    assert calls == [((), {"local_device_ids": expected})]
+    explicit = MeshConfig(coordinator_address="gpu1:1234", num_processes=2, process_id=1)
+    assert mesh_lib.maybe_initialize_distributed(explicit) is True  # an explicit coordinator, still under SLURM
+    assert calls == [((), {"local_device_ids": expected}), (("gpu1:1234", 2, 1), {"local_device_ids": expected})]

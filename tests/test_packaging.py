@@ -54,7 +54,7 @@ def _repack(dist: md.Distribution, dest: Path) -> Path:
     info = Path(dist._path)  # the .dist-info directory
     wheel_meta = (info / "WHEEL").read_text()
     tags = [t.split("-") for t in re.findall(r"^Tag: (\S+)", wheel_meta, flags=re.M)]
-    tag = "-".join(".".join(dict.fromkeys(part)) for part in zip(*tags))  # py2-none-any + py3-none-any: py2.py3-none-any
+    tag = "-".join(".".join(dict.fromkeys(part)) for part in zip(*tags))  # py2-none-any, py3-none-any: py2.py3-none-any
     name = f"{_canon(dist.metadata['Name']).replace('-', '_')}-{dist.version}-{tag}.whl"
     site = info.parent
     files = [f for f in dist.files if not str(f).startswith("..") and "__pycache__" not in f.parts
@@ -97,8 +97,8 @@ def test_wheel_installs_non_editable_and_trains_from_an_empty_directory(tmp_path
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV"))}
-    pip = subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", house, wheel],
-                         env=env, capture_output=True, text=True, timeout=600)
+    pip = subprocess.run([venv / "bin" / "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", house,
+                          wheel], env=env, capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stdout[-2000:] + pip.stderr[-2000:]
 
     # 3. From an empty directory, no PYTHONPATH: the installed package, its shipped experiment.

@@ -44,7 +44,7 @@ from transformer_jax.parallel import MeshConfig
 from transformer_jax.train import OptimizerConfig, TaskConfig
 
 HERE = Path(__file__).resolve().parent
-PRETRAIN_DIR = "runs/transfer_pretrain"  # relative to the working directory, where transfer_pretrain's command writes it
+PRETRAIN_DIR = "runs/transfer_pretrain"  # under the working directory, where transfer_pretrain's command puts it
 
 
 def get_config() -> ExperimentConfig:

@@ -212,8 +212,8 @@ def local_device_ids_for_slurm(env: Mapping[str, str]) -> list[int] | None:
     if len(ordinals) % tasks:
         raise ConfigError(f"{tasks} SLURM tasks share {len(ordinals)} GPUs on this node, which does not divide; "
                           "use srun --gpus-per-task=N, or a task count that divides the GPUs")
-    per_task, local = len(ordinals) // tasks, int(env["SLURM_LOCALID"])
-    return ordinals[local * per_task:(local + 1) * per_task]
+    share, local = len(ordinals) // tasks, int(env["SLURM_LOCALID"])
+    return ordinals[local * share:(local + 1) * share]
 
 
 def _already_initialized() -> bool:
@@ -232,18 +232,19 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> bool:
         return False
     explicit = ((cfg.coordinator_address, cfg.num_processes, cfg.process_id)
                 if cfg.coordinator_address is not None else _env_triple())
+    # Which GPUs this process drives: under SLURM jax would take [SLURM_LOCALID] (right only
+    # for one task per GPU that sees them all), even with an explicit coordinator, so pass them.
     if explicit is not None:
-        log.info("jax.distributed.initialize(%s, %d, %d)", *explicit)
-        jax.distributed.initialize(*explicit)
+        local_device_ids = local_device_ids_for_slurm(os.environ)
+        log.info("jax.distributed.initialize(%s, %d, %d, local_device_ids=%s)", *explicit, local_device_ids)
+        jax.distributed.initialize(*explicit, local_device_ids=local_device_ids)
         return True
     env = _distributed_env()
     if env is None:
         return False
-    # jax reads the cluster from the environment; which GPUs this process drives it gets
-    # right under SLURM only for one task per GPU that sees them all, so it is passed.
     local_device_ids = local_device_ids_for_slurm(os.environ) if env == "slurm" else None
     log.info("jax.distributed.initialize(local_device_ids=%s) for a %s job", local_device_ids, env)
-    jax.distributed.initialize(local_device_ids=local_device_ids)
+    jax.distributed.initialize(local_device_ids=local_device_ids)  # jax reads the rest from the environment
     return True
 
 
