@@ -123,9 +123,12 @@ START="cd ~/transformer_jax && if test -f ~/train.pid && kill \$(cat ~/train.pid
 tail --pid=\$(cat ~/train.pid) -f /dev/null; fi; sudo rm -f /tmp/libtpu_lockfile; rm -f ~/train.exit; mkdir -p $RUNS; \
 (trap '' HUP; ~/tjax/bin/transformer-jax train$quoted_args --workdir $RUNS/$NAME & echo \$! > ~/train.pid; \
 wait \$!; echo \$? > ~/train.exit) > ~/train.log 2>&1 < /dev/null &"
-# Follow one worker's log until its trainer exits; ssh's status is the trainer's (254: none).
+# Follow one worker's log until its trainer exits; ssh's status is the trainer's, except 253:
+# it saved and stopped on a signal (a preemption's SIGTERM), so the run is not finished; 254: no
+# status (the worker went away).
 FOLLOW="sleep 2; tail -n +1 -F ~/train.log --pid=\$(cat ~/train.pid) 2>/dev/null; \
-for i in 1 2 3 4 5; do test -f ~/train.exit && exit \$(cat ~/train.exit); sleep 1; done; exit 254"
+for i in 1 2 3 4 5; do if test -f ~/train.exit; then c=\$(cat ~/train.exit); \
+if test \"\$c\" = 0 && grep -q 'stopped by SIG' ~/train.log; then exit 253; fi; exit \$c; fi; sleep 1; done; exit 254"
 
 # -- The VM: reuse a READY one, wait for one on its way, recreate a preempted or broken one.
 create_vm() {
@@ -206,12 +209,12 @@ while true; do
   code=0
   follow_all || code=$?
   if [[ $DRY_RUN -eq 1 ]]; then
-    echo "# a worker lost (exit 254/255) or the VM preempted: back to the top, up to $MAX_RESTARTS more time(s);" \
+    echo "# the VM preempted, a trainer stopped by a signal (253) or a worker lost (254, 255): back to the top, up to $MAX_RESTARTS more time(s);" \
          "the trainer resumes from its newest checkpoint in $RUNS/$NAME"
   fi
   if (( code == 0 )); then echo "# training finished on all $WORKERS worker(s)"; break; fi
   state="$(vm_state)"
-  if [[ "$state" == READY || "$state" == ACTIVE ]] && (( code != 254 && code != 255 )); then
+  if [[ "$state" == READY || "$state" == ACTIVE ]] && (( code < 253 )); then
     echo "tpu_vm.sh: training failed (exit $code) on a healthy VM; not restarting. Logs: $LOGS" >&2
     [[ $KEEP -eq 1 ]] || delete_vm
     exit 1

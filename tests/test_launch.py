@@ -77,7 +77,7 @@ def test_tpu_spot_pod_dry_run():
                      "--workdir", "/mnt/my-bucket/runs/my-pod"]
     assert "> ~/train.log 2>&1 < /dev/null &" in start and "echo $? > ~/train.exit" in start
     # every worker's log, prefixed and kept
-    assert all("tail -n +1 -F ~/train.log" in f and "exit $(cat ~/train.exit)" in f for f in follow)
+    assert all("tail -n +1 -F ~/train.log" in f and "exit $c" in f for f in follow) and len(set(follow)) == 1
     for i in range(4):
         assert f"| tee -a tpu-logs/my-pod/worker-{i}.log | sed 's/^/[worker {i}] /'" in r.stdout
     assert gcloud[-1][-1] == "--quiet"
@@ -113,6 +113,22 @@ def test_tpu_ships_untracked_experiments_and_refuses_files_it_cannot(tmp_path):
         assert r.stderr.startswith(f"tpu_vm.sh: --config {bad} is not in this checkout (or git ignores it)")
 
 
+@pytest.mark.parametrize("exit_status,log,expected", [("0", "step 9: step budget reached", 0),
+                                                     ("0", "step 5: stopped by SIGTERM; checkpoint saved", 253),
+                                                     ("1", "Traceback: boom", 1)])
+def test_tpu_follow_command_reports_the_trainers_outcome(tmp_path, exit_status, log, expected):
+    """The command each worker's ssh runs, run here on a finished trainer's files: it prints the
+    log and exits with the trainer's status; 253 for a run a signal stopped (not finished)."""
+    r = _run(TPU, "--dry-run", "--name", "x", "--type", "v4-8", "--", "--config", "tiny")
+    follow = _remote(next(c for c in _commands(r.stdout) if "--worker=0" in c))
+    (tmp_path / "train.log").write_text(f"step 1\n{log}\n")
+    (tmp_path / "train.pid").write_text("999999999\n")  # no such process: the trainer has exited
+    (tmp_path / "train.exit").write_text(f"{exit_status}\n")
+    done = subprocess.run(["bash", "-c", follow], env=dict(os.environ, HOME=str(tmp_path)), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == expected and done.stdout == f"step 1\n{log}\n", (done.returncode, done.stdout)
+
+
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 # A stand-in for gcloud: records each call; the VM's state lives in $FAKE/state.
 echo "$*" >> "$FAKE/calls"
@@ -120,12 +136,13 @@ case "$*" in
   *" describe "*) [[ -s "$FAKE/state" ]] || exit 1; cat "$FAKE/state" ;;
   *" create "*) echo READY > "$FAKE/state" ;;
   *" delete "*) rm -f "$FAKE/state" ;;
-  *"--worker=all"*) ;;
+  *"--worker=all"*) [[ "$*" != *"transformer-jax train"* ]] || echo >> "$FAKE/starts" ;;
   *" ssh "*)
     all="$*"; w="${all##*--worker=}"; w="${w%% *}"
     echo "step 10 loss 2.0"
     if [[ -e "$FAKE/preempt_$w" ]]; then rm "$FAKE/preempt_$w"; echo PREEMPTED > "$FAKE/state"; exit 255; fi
-    if [[ -e "$FAKE/fail_$w" ]]; then echo "Traceback: boom"; exit 1; fi ;;
+    if [[ -e "$FAKE/fail_$w" ]]; then echo "Traceback: boom"; exit 1; fi
+    if [[ -e "$FAKE/signal_at_$(wc -l < "$FAKE/starts")_$w" ]]; then echo "stopped by SIGTERM"; exit 253; fi ;;
 esac
 """
 
@@ -141,9 +158,12 @@ def _fake_gcloud(tmp_path):
 
 def test_tpu_spot_preemption_recreates_the_vm_and_resumes(tmp_path):
     """The launcher's own loop, with gcloud replaced: worker 2's ssh dies as the VM is preempted;
-    the launcher deletes and recreates the VM, installs and starts again, then finishes."""
+    the launcher deletes and recreates the VM, installs and starts again; then worker 0's
+    trainer saves and stops on a SIGTERM (a maintenance event) on a READY VM: started again
+    on the same VM; then it finishes."""
     fake, env = _fake_gcloud(tmp_path)
     (fake / "preempt_2").touch()
+    (fake / "signal_at_2_0").touch()
     r = subprocess.run(["bash", str(TPU), "--name", "x", "--type", "v5litepod-16", "--spot", "--max-restarts", "3",
                         "--bucket", "b", "--logs", str(tmp_path / "logs"), "--", "--config", "tiny"],
                        capture_output=True, text=True, timeout=60, env=dict(os.environ, **env), cwd=tmp_path)
@@ -151,12 +171,14 @@ def test_tpu_spot_preemption_recreates_the_vm_and_resumes(tmp_path):
     calls = (fake / "calls").read_text().splitlines()
     verbs = [c.split()[3] for c in calls]
     round_ = ["scp", "ssh", "ssh", "ssh"] + ["ssh"] * 4
-    assert verbs == (["describe", "create", "describe"] + round_ + ["describe", "describe", "delete", "create",
-                                                                   "describe"] + round_ + ["delete"]), verbs
+    assert verbs == (["describe", "create", "describe"] + round_
+                     + ["describe", "describe", "delete", "create", "describe"] + round_
+                     + ["describe", "describe"] + round_ + ["delete"]), verbs
     assert "# x is PREEMPTED (worker exit 255): restart 1 of 3, resuming from gs://b" in r.stdout
+    assert "# x is READY (worker exit 253): restart 2 of 3, resuming from gs://b" in r.stdout
     assert "[worker 3] step 10 loss 2.0" in r.stdout and "# training finished on all 4 worker(s)" in r.stdout
-    for i in range(4):  # both attempts' lines, in each worker's own file
-        assert (tmp_path / "logs" / f"worker-{i}.log").read_text().count("step 10 loss 2.0") == 2
+    for i in range(4):  # all three attempts' lines, in each worker's own file
+        assert (tmp_path / "logs" / f"worker-{i}.log").read_text().count("step 10 loss 2.0") == 3
 
 
 def test_tpu_training_failure_on_a_healthy_vm_is_not_retried(tmp_path):
