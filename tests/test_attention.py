@@ -4,9 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import flax.linen as nn
 from absl.testing import parameterized
+from jax.sharding import AxisType
 
 from transformer_jax.layers.attention import MultiHeadAttention
+from transformer_jax.parallel.rules import get_rules
 
 
 def _x(shape, key=0):
@@ -66,6 +69,35 @@ def test_kv_cache_reproduces_full_forward(kv_heads, rope):
         outs.append(y)
     chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, atol=1e-5)
     assert int(cache["index"]) == 9
+
+
+@pytest.mark.parametrize("kv_heads", [2, 3])
+def test_fewer_kv_heads_than_the_tensor_axis_are_repeated_on_a_mesh(kv_heads):
+    """12 query heads, tensor=4: kv heads become lcm(kv_heads, 4) copies split one group per device;
+    the kv kernels stay whole (replicated); forward and cached decoding equal the off-mesh result."""
+    m = MultiHeadAttention(num_heads=12, head_dim=8, num_kv_heads=kv_heads, rope=True, decode=True)
+    full_m = m.clone(decode=False)
+    x = _x((2, 9, 16))
+    params = full_m.init(jax.random.key(0), x)["params"]
+    want = full_m.apply({"params": params}, x, causal=True)
+    mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules("dp_tp")):
+        boxed = jax.eval_shape(full_m.init, jax.random.key(0), x)["params"]
+        assert boxed["key"]["kernel"].names == ("embed", None, "head_dim")
+        assert boxed["query"]["kernel"].names == ("embed", "heads", "head_dim")
+        chex.assert_trees_all_close(jax.jit(full_m.apply, static_argnames="causal")(
+            {"params": params}, x, causal=True), want, atol=1e-5)
+        cache = jax.jit(m.init)(jax.random.key(0), jnp.zeros((2, 12, 16)))["cache"]
+        copies = np.lcm(kv_heads, 4)
+        chex.assert_shape(cache["cached_key"], (2, 12, copies, 8))
+        step = jax.jit(lambda c, x: m.apply({"params": params, "cache": c}, x, mutable=["cache"]))
+        outs = []
+        for lo, hi in [(0, 4), (4, 5), (5, 9)]:
+            y, mut = step(cache, x[:, lo:hi])
+            cache = mut["cache"]
+            outs.append(y)
+    assert cache["cached_key"].addressable_shards[0].data.shape == (1, 12, copies // 4, 8)  # rows on data, heads on tensor
+    chex.assert_trees_all_close(jnp.concatenate(outs, 1), want, atol=1e-5)
 
 
 def test_left_padded_prompts_decode_like_each_alone():

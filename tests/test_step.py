@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from transformer_jax.models import get_config
 from transformer_jax.parallel.mesh import MeshConfig, make_mesh
@@ -60,16 +61,16 @@ def batches(family, n=3, rows=8):
 
 
 @functools.cache
-def initial_state(family):
+def initial_state(family, **model):
     """The one-device initial state on the host: every mesh starts from the same numbers."""
-    return jax.device_get(setup_for(family).init_state())
+    return jax.device_get(setup_for(family, **model).init_state())
 
 
 @functools.cache
-def run(family, shape=(1, 1, 1), preset="fsdp_tp", optim=OPTIM):
+def run(family, shape=(1, 1, 1), preset="fsdp_tp", optim=OPTIM, **model):
     """Host copies of (state after each step, metrics of each step) over 3 steps."""
-    setup = setup_for(family, shape, preset, optim)
-    state = jax.device_put(initial_state(family), setup.state_shardings)
+    setup = setup_for(family, shape, preset, optim, **model)
+    state = jax.device_put(initial_state(family, **model), setup.state_shardings)
     states, metrics = [], []
     for b in batches(family):
         state, m = setup.train_step(state, b)
@@ -112,6 +113,17 @@ def test_sharded_steps_equal_one_device(family, shape, preset):
 @pytest.mark.parametrize("family,shape,preset", FULL)
 def test_every_preset_and_mesh_equals_one_device(family, shape, preset):
     assert_runs_equal(run(family, shape, preset), run(family), f"{family} {shape} {preset}")
+
+
+@pytest.mark.parametrize("kv_heads", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_fewer_kv_heads_than_the_tensor_axis_equal_one_device(kv_heads):
+    """GQA/MQA with tensor=4: kv kernels replicated, kv heads repeated to 4 and split like the queries."""
+    assert_runs_equal(run("decoder", (2, 1, 4), "dp_tp", num_kv_heads=kv_heads), run("decoder", num_kv_heads=kv_heads),
+                      f"num_kv_heads={kv_heads} on tensor=4")
+    shardings = setup_for("decoder", (2, 1, 4), "dp_tp", num_kv_heads=kv_heads).state_shardings.params["decoder"]
+    attn = shardings["layer_0"]["self_attention"]
+    assert attn["key"]["kernel"].spec == attn["value"]["kernel"].spec == P(None, None, None)
+    assert attn["query"]["kernel"].spec == P(None, "tensor", None)
 
 
 def test_one_device_run_trains():

@@ -3,6 +3,13 @@
 
 Self-attention when `x_kv` is None, cross-attention otherwise.
 
+GQA on a mesh whose `kv_heads` axes (by the active logical rules) do not divide num_kv_heads,
+e.g. 2 kv heads with tensor=4: the key/value kernels stay replicated over those axes and each
+kv head is repeated right after its projection, up to lcm(num_kv_heads, shards) heads, which
+split like the query heads (each device keeps one copy of the heads its queries use). This is
+the same function (query head h still reads kv head h // (num_heads // num_kv_heads)) and its
+gradient sums over the copies.
+
 Decoding: initialise the cache with `model.init(rng, tokens_of_max_len, decode=True)` (the
 cache takes the input's length), then call with `decode=True, mutable=["cache"]` on a prompt
 chunk (prefill) or one token at a time. Each call writes its keys/values at the cache index
@@ -11,6 +18,7 @@ a batch hold prompts of different lengths (left-padded).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -57,14 +65,16 @@ class MultiHeadAttention(nn.Module):
         x_kv_BSD = x_BLD if self_attention else x_kv_BSD
         d_model = x_BLD.shape[-1]
 
-        def proj(heads, name):
-            return Dense((heads, self.head_dim), ("embed", "heads" if name == "query" else "kv_heads", "head_dim"),
-                         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
-                         name=name)
+        repeats = kv_repeats(self.num_heads, kv_heads)
+        kv_axis = "kv_heads" if repeats == 1 else None  # repeated heads: the kernels are replicated
 
-        q_BLHD = proj(self.num_heads, "query")(x_BLD)
-        k_BSKD = proj(kv_heads, "key")(x_kv_BSD)
-        v_BSKD = proj(kv_heads, "value")(x_kv_BSD)
+        def proj(heads, heads_axis, name):
+            return Dense((heads, self.head_dim), ("embed", heads_axis, "head_dim"), use_bias=self.use_bias,
+                         dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name=name)
+
+        q_BLHD = proj(self.num_heads, "heads", "query")(x_BLD)
+        k_BSKD = jnp.repeat(proj(kv_heads, kv_axis, "key")(x_kv_BSD), repeats, axis=2)
+        v_BSKD = jnp.repeat(proj(kv_heads, kv_axis, "value")(x_kv_BSD), repeats, axis=2)
         q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "heads", "head_dim"))
         k_BSKD = nn.with_logical_constraint(k_BSKD, ("batch", "length", "kv_heads", "head_dim"))
         v_BSKD = nn.with_logical_constraint(v_BSKD, ("batch", "length", "kv_heads", "head_dim"))
@@ -116,3 +126,18 @@ class MultiHeadAttention(nn.Module):
         cseg.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(cseg.value, seg, (0, index)), axes[:2])
         cidx.value = index + l
         return ck.value, cv.value, seg, cseg.value, index
+
+
+def kv_repeats(num_heads: int, kv_heads: int) -> int:
+    """How many copies of each kv head attention uses under the active mesh and logical rules.
+
+    1 off a mesh, or when kv_heads divides the mesh axes `kv_heads` maps to; else the factor
+    that makes lcm(kv_heads, shards) heads (when num_heads allows it: it must split too)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = nn.logical_to_mesh_axes(("kv_heads",))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    repeats = math.lcm(kv_heads, shards) // kv_heads
+    return repeats if num_heads % (kv_heads * repeats) == 0 else 1
