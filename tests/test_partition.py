@@ -1,16 +1,23 @@
-"""Sharded init and forward on 8 fake devices equal the one-device result, and parameters
-are really split the way each preset's logical rules say."""
+"""Sharded init and forward on 8 fake devices equal the one-device result, parameters are
+really split the way each preset's logical rules say, and the presets serve Flax NNX too."""
+import contextlib
+import functools
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from model_testing import inputs_for
 from transformer_jax.models import build_model, get_config
 from transformer_jax.parallel.partition import check_divisible, init_sharded
-from transformer_jax.parallel.rules import PRESETS, get_rules
+from transformer_jax.parallel.rules import LOGICAL_AXES, PRESETS, get_rules
 
 MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "dp_tp": (2, 1, 4), "fsdp_tp": (2, 2, 2)}
 # Small models whose heads, kv heads, mlp and vocab divide 8.
@@ -82,3 +89,66 @@ def test_presets_are_data():
     with pytest.raises(ValueError, match="unknown parallelism preset 'zero3'"):
         get_rules("zero3")
     check_divisible({"x": jnp.ones(3)}, mesh_of((8, 1, 1)), get_rules("dp"))  # unboxed leaves are fine
+
+
+def test_every_preset_maps_every_logical_axis_the_models_use():
+    """Flax NNX, unlike linen, passes a name without a rule through to the mesh (and fails)."""
+    used = set()
+    for name in ("gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny"):
+        cfg = get_config(name, position="t5_bias") if name == "llama-tiny" else get_config(name)
+        boxed = jax.eval_shape(build_model(cfg).init, jax.random.key(0), *inputs_for(cfg, batch=2, length=8))
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        used |= {n for leaf in leaves if isinstance(leaf, nn.LogicallyPartitioned) for n in leaf.names if n}
+    assert {"layers", "head_dim", "kv_heads", "embed", "vocab"} <= used <= set(LOGICAL_AXES)
+    for preset, rules in PRESETS.items():
+        assert {n for n, _ in rules} == set(LOGICAL_AXES), preset
+
+
+NNX_CFG = dict(d_model=64, num_heads=8)  # llama-tiny: GQA (2 kv heads on tensor=2), RoPE, SwiGLU, scanned layers
+
+
+def _nnx_loss(logits, tokens):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+@functools.cache
+def _nnx_on_mesh():
+    """(cfg, tokens, model, mesh context) for a bridged DecoderLM on a (2,2,2) mesh under fsdp_tp."""
+    cfg = get_config("llama-tiny", **NNX_CFG)
+    tokens = jax.random.randint(jax.random.key(1), (8, 17), 1, cfg.vocab_size)
+    with _fsdp_tp():  # jitted: parameters are created sharded, never whole on one device
+        lm = nnx.jit(lambda t: nnx.bridge.ToNNX(build_model(cfg), rngs=nnx.Rngs(0)).lazy_init(t))(tokens[:, :-1])
+    return cfg, tokens, lm
+
+
+@contextlib.contextmanager
+def _fsdp_tp():
+    with jax.set_mesh(mesh_of((2, 2, 2))), nn.logical_axis_rules(get_rules("fsdp_tp")):
+        yield
+
+
+def test_nnx_bridge_on_a_mesh_equals_linen():
+    """`nnx.bridge.ToNNX` + `lazy_init` on a (2,2,2) mesh under fsdp_tp: parameters split as the
+    rules say, and the logits equal the linen model's on one device with the same parameters."""
+    cfg, tokens, lm = _nnx_on_mesh()
+    q = lm.decoder["layers"]["self_attention"]["query"]["kernel"]  # [layers, embed, heads, head_dim]
+    assert q.get_value().sharding.spec == P(None, "fsdp", "tensor")
+    assert len(q.get_value().addressable_shards) == 8 and q.get_value().addressable_shards[0].data.shape == (2, 32, 4, 8)
+    with _fsdp_tp():
+        logits = nnx.jit(lambda m, t: m(t))(lm, tokens[:, :-1])
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(lm, nnx.Param)))  # the linen params tree, on the host
+    want = jax.jit(build_model(cfg).apply)({"params": params}, tokens[:, :-1])
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_nnx_bridge_on_a_mesh_has_linen_gradients():
+    cfg, tokens, lm = _nnx_on_mesh()
+    model = build_model(cfg)
+    with _fsdp_tp():
+        got_loss, got_grads = nnx.jit(nnx.value_and_grad(lambda m, t: _nnx_loss(m(t[:, :-1]), t)))(lm, tokens)
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(lm, nnx.Param)))
+    want_loss, want_grads = jax.jit(jax.value_and_grad(
+        lambda p: _nnx_loss(model.apply({"params": p}, tokens[:, :-1]), tokens)))(params)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(nnx.to_pure_dict(got_grads)), want_grads, rtol=1e-4, atol=1e-6)
