@@ -4,6 +4,7 @@ from pathlib import Path
 
 import chex
 import jax
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -35,3 +36,13 @@ def test_usage_example_runs_and_its_train_step_learns():
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.1, losses
     assert all(jax.numpy.isfinite(jax.numpy.array(losses)))
+
+
+@pytest.mark.slow
+def test_nnx_example_runs_on_a_mesh():
+    scope = {}
+    for block in _blocks("python")[:2]:  # the NNX example continues the usage example
+        exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    chex.assert_shape(scope["logits"], (4, 32, scope["cfg"].vocab_size))
+    kernel = scope["lm"].decoder["layers"]["mlp"]["wo"]["kernel"].get_value()  # [layers, mlp, embed]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
