@@ -1,4 +1,4 @@
-"""Greedy decoding throughput on the DESIGN.md bench model (decoder LM, 6 x 512, 8 heads, mlp
+"""Greedy decoding throughput on the bench model of docs/architecture.md (decoder LM, 6 x 512, 8 heads, mlp
 2048, vocab 32768, learned positions), with and without the KV cache, next to Hugging Face
 `generate` on the same model as a PyTorch `GPT2LMHeadModel`, in the same process.
 

@@ -1,4 +1,4 @@
-"""Train-step benchmark on the DESIGN.md bench model (decoder LM, 6 x 512, 8 heads, mlp 2048,
+"""Train-step benchmark on the bench model of docs/architecture.md (decoder LM, 6 x 512, 8 heads, mlp 2048,
 vocab 32768, seq 512, global batch 8 = 4,096 tokens, 953.5 GFLOP/step).
 
     .venv/bin/python benchmarks/train_step.py                           # peak + step table, one device (~10 min)

@@ -12,7 +12,7 @@ def test_bench_model_is_the_design_number():
     # 6 * N * T with N = 6 layers * 3.1M + unembedding 16.8M, T = 4096, plus 12 * L * d * layers * T.
     n = 6 * (4 * 512 * 512 + 2 * 512 * 2048) + 512 * 32768
     want = 6 * n * 4096 + 12 * 512 * 512 * 6 * 4096
-    assert want == 953_482_739_712  # "953.5 GFLOP/step" in DESIGN.md
+    assert want == 953_482_739_712  # "953.5 GFLOP/step" in docs/architecture.md
     assert train_flops(get_config("bench"), "lm", {"inputs": (8, 512)}) == want
 
 

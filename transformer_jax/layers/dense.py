@@ -2,7 +2,7 @@
 LoRA adapter (Hu et al. 2021).
 
 Written with `self.param` + `lax.dot_general` rather than `nn.DenseGeneral`, whose boxed
-multi-dimensional kernels break under an active mesh (flax issue 3676, DESIGN.md).
+multi-dimensional kernels break under an active mesh (flax issue 3676, docs/architecture.md).
 
 LoRA: y = x . W + (alpha / r) * (x . A) . B, with A [*in, r] (fan-in init) and B [r, *out]
 (zeros, so an adapted model starts equal to its base). A carries the kernel's input axis

@@ -118,7 +118,7 @@ PRESETS: dict[str, dict] = {
     "t5-base": dict(_T5, d_model=768, num_heads=12, head_dim=64, num_layers=12, d_ff=3072),
     "transformer-base": dict(_VASWANI, d_model=512, num_heads=8, num_layers=6, d_ff=2048, dropout_rate=0.1),
     "transformer-big": dict(_VASWANI, d_model=1024, num_heads=16, num_layers=6, d_ff=4096, dropout_rate=0.3),
-    # The bench model of DESIGN.md: 6 x 512, 8 heads, mlp 2048, vocab 32768.
+    # The bench model of docs/architecture.md: 6 x 512, 8 heads, mlp 2048, vocab 32768.
     "bench": dict(_GPT2, vocab_size=32768, d_model=512, num_heads=8, num_layers=6, d_ff=2048, max_len=512),
 }
 _TINY = dict(vocab_size=256, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=64)

@@ -1,6 +1,6 @@
 """Model FLOPs of one training step, for MFU.
 
-Convention (that of the DESIGN.md bench table, PaLM appendix B without causal halving):
+Convention (that of the bench model in docs/architecture.md, PaLM appendix B without causal halving):
 
     train FLOPs = 3 x forward FLOPs  (backward = 2 x forward)
     forward     = 2 x (matmul parameters each token passes through)      -> 6 * N * T overall

@@ -5,7 +5,7 @@ their log-sum-exp, the loss sums and, when differentiating, the closed-form grad
 dlogits = w * (softmax * (1 + 2 z logZ) - (1 - s) onehot - s / V) with its two matmuls
 (dh = dlogits . W, dW^T += h^T . dlogits) run in one pass; the backward only scales the
 saved dh, dW by the incoming cotangent. Same matmul FLOPs as the unfused loss, ~3 x B x L
-x V x 4 bytes less temp memory (1.5 GiB for the DESIGN.md bench model) and cache-sized
+x V x 4 bytes less temp memory (1.5 GiB for the bench model of docs/architecture.md) and cache-sized
 blocks (benchmarks/train_step.py measures it).
 
 The hidden states come from the model itself: `hidden_and_output_weight` runs it with
