@@ -1,10 +1,19 @@
-"""metrics.py: loss.png in bits per byte with the compressors as reference lines."""
+"""metrics.py: loss.png in bits per byte with the compressors as reference lines; what the
+trackers write (read back from the TensorBoard event files and the offline W&B run), the
+profiler hook's trace, and the settings that turn them on."""
 import json
+import struct
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
+import pytest
 
-from transformer_jax.metrics import plot_losses
+from transformer_jax.config import ConfigError
+from transformer_jax.experiment import TrainConfig
+from transformer_jax.metrics import MetricsWriter, StepProfiler, plot_losses
 
 
 def _write(workdir, records):
@@ -53,3 +62,103 @@ def test_runs_without_bits_per_byte_keep_nats(tmp_path):
     finally:
         plt.Figure.savefig = savefig
     assert seen == {"ylabel": "loss (nats)", "title": "mlm"}
+
+
+def tensorboard_events(logdir: Path) -> list:
+    """Every `Event` of the event files in `logdir` (TFRecord framing: length, crc, data, crc)."""
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            events.append(event)
+            i += 12 + n + 4
+    return events
+
+
+def summary_values(logdir: Path) -> list[tuple[int, object]]:
+    return [(e.step, v) for e in tensorboard_events(logdir) for v in e.summary.value]
+
+
+def hparams_of(logdir: Path) -> dict:
+    """The hyperparameters of the HParams tab's session-start record."""
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+    for _, v in summary_values(logdir):
+        if v.metadata.plugin_data.plugin_name == "hparams":
+            data = HParamsPluginData.FromString(v.metadata.plugin_data.content)
+            if data.HasField("session_start_info"):
+                return {k: getattr(x, x.WhichOneof("kind")) for k, x in data.session_start_info.hparams.items()}
+    return {}
+
+
+def texts_of(logdir: Path) -> dict[str, tuple[int, str]]:
+    return {v.tag: (step, v.tensor.string_val[0].decode()) for step, v in summary_values(logdir)
+            if v.metadata.plugin_data.plugin_name == "text"}
+
+
+def test_tensorboard_gets_scalars_hparams_and_text(tmp_path):
+    w = MetricsWriter(tmp_path, total_steps=3, enabled=True, progress=False)
+    w.write(1, {"loss": 2.5, "nll": float("nan")})
+    w.write(2, {"loss": 2.0}, kind="eval")
+    w.write_hparams({"name": "tiny", "model": {"d_model": 64, "dropout_rate": 0.1, "num_kv_heads": None},
+                     "train": {"profile_steps": [2, 3], "scan": True}})
+    w.write_text(3, "sample", "def f():\n    return 1")
+    w.close()
+    logdir = tmp_path / "tensorboard"
+    scalars = {(v.tag, step): v.simple_value for step, v in summary_values(logdir) if v.HasField("simple_value")}
+    assert scalars == {("train/loss", 1): 2.5, ("eval/loss", 2): 2.0}  # the nan is not a point
+    assert hparams_of(logdir) == {"name": "tiny", "model.d_model": 64, "model.dropout_rate": pytest.approx(0.1),
+                                  "model.num_kv_heads": "None", "train.profile_steps": "[2, 3]", "train.scan": True}
+    assert texts_of(logdir) == {"sample/text_summary": (3, "def f():\n    return 1")}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"] == 2.5
+
+
+def test_step_profiler_traces_the_chosen_steps(tmp_path):
+    @jax.jit
+    def profiled_step(x):
+        return jnp.sin(x) @ x
+
+    profiler = StepProfiler((2, 3), tmp_path)
+    x, active = jnp.ones((64, 64)), []
+    for step in range(5):
+        profiler.before(step + 1)
+        active.append(profiler.active)
+        x = profiled_step(x)
+        profiler.after(step + 1, x)
+    profiler.close()
+    assert active == [False, True, True, False, False]
+    (trace,) = tmp_path.glob("plugins/profile/*/*.xplane.pb")  # what TensorBoard's Profile tab and XProf read
+    assert b"profiled_step" in trace.read_bytes()
+    off = StepProfiler(None, tmp_path / "off")
+    off.before(1)
+    assert not off.active and not (tmp_path / "off").exists()
+
+
+def test_profile_steps_and_tracker_settings_are_checked():
+    TrainConfig(profile_steps=(3, 3)).validate()
+    with pytest.raises(ConfigError, match=r"^train.profile_steps=\[3, 2\] must be \[start, stop\] with 1 <= start"):
+        TrainConfig(profile_steps=(3, 2)).validate()
+    with pytest.raises(ConfigError, match=r"^train.profile_steps=\[0, 2\]"):
+        TrainConfig(profile_steps=(0, 2)).validate()
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"^train.tracker='wandb' needs the wandb package: pip install wandb"):
+            TrainConfig(tracker="wandb").validate()
+
+
+def test_wandb_tracker_writes_an_offline_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default
+    w = MetricsWriter(tmp_path, total_steps=3, enabled=True, progress=False, tracker="wandb", run_name="tiny")
+    w.write_hparams({"model": {"d_model": 64}})
+    w.write(1, {"loss": 2.5})
+    w.write_text(3, "sample", "def f():")
+    w.close()
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
+    records = log.read_bytes()  # protobuf records, strings stored as they are
+    assert all(s in records for s in (b"train/loss", b"model.d_model", b"def f():"))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard too

@@ -87,6 +87,20 @@ def test_train_checkpoint_resume_eval(env, tmp_path):
     assert f"step 15: validation loss {final:.4f}" in ev.stdout
 
 
+@pytest.mark.slow
+def test_profile_trace_hparams_and_sample_reach_tensorboard(env, tmp_path):
+    from test_metrics import hparams_of, texts_of
+    wd = tmp_path / "run"
+    cli(env, "train", "--config", TINY, "--workdir", str(wd), "--set", "train.steps=4", "--set", "train.eval_every=0",
+        "--set", "train.eval_batches=1", "--set", "train.sample_tokens=8", "--set", "train.profile_steps=[2,3]")
+    (trace,) = (wd / "tensorboard").glob("plugins/profile/*/*.xplane.pb")  # `tensorboard --logdir <workdir>/tensorboard`
+    assert b"_train_step" in trace.read_bytes()
+    hparams = hparams_of(wd / "tensorboard")
+    assert hparams["name"] == "tiny" and hparams["train.steps"] == 4 and hparams["train.profile_steps"] == "[2, 3]"
+    step, sample = texts_of(wd / "tensorboard")["sample/text_summary"]
+    assert step == 4 and sample == "def " + json.loads((wd / "summary.json").read_text())["eval"]["sample"]
+
+
 def test_sigterm_saves_and_exits_cleanly(env, tmp_path):
     wd = tmp_path / "run"
     proc = start(env, "train", "--config", TINY, "--workdir", str(wd), "--set", "train.steps=100000",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from pathlib import Path
+from typing import Literal
 
 from transformer_jax.checkpoint import CheckpointConfig
 from transformer_jax.config import Config, ConfigError
@@ -36,6 +37,8 @@ class TrainConfig(Config):
     seed: int = 0
     sample_tokens: int = 96  # a decoder LM prints a sample of this many tokens at the end (0: none)
     sample_prompt: str = "def "
+    profile_steps: tuple[int, int] | None = None  # [start, stop]: a jax.profiler trace of these steps in tensorboard/
+    tracker: Literal["none", "wandb"] = "none"  # besides TensorBoard; wandb runs offline unless WANDB_MODE=online
 
     def validate(self) -> None:
         for name in ("steps", "seq_len", "global_batch_size", "log_every"):
@@ -50,6 +53,12 @@ class TrainConfig(Config):
             raise ConfigError(f"train.eval_every={self.eval_every} must be >= 0 (0: only at the end)")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"train.time_budget_s={self.time_budget_s} must be positive or none")
+        if self.profile_steps is not None and not 1 <= self.profile_steps[0] <= self.profile_steps[1]:
+            raise ConfigError(f"train.profile_steps={list(self.profile_steps)} must be [start, stop] with "
+                              "1 <= start <= stop (steps count from 1), e.g. [10, 12]")
+        if self.tracker == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.tracker='wandb' needs the wandb package: pip install wandb "
+                              "(or set train.tracker=none)")
 
 
 @dataclasses.dataclass(frozen=True)

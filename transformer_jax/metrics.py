@@ -1,31 +1,37 @@
-"""Run observability: a progress bar, `metrics.jsonl`, TensorBoard event files and `loss.png`.
+"""Run observability: a progress bar, `metrics.jsonl`, trackers, `loss.png` and a profiler hook.
 
-Only process 0 writes; every process may call. TensorBoard files come from tensorboardX
-(no TensorFlow needed); the plot from matplotlib's Agg backend (no display needed).
+Only process 0 writes; every process may call. Trackers share one interface (scalars,
+hparams, text): `TensorBoard` always (tensorboardX, no TensorFlow needed; clu's writers import
+TensorFlow), `WandB` with `train.tracker="wandb"` when wandb is installed. The plot comes from
+matplotlib's Agg backend (no display needed). `StepProfiler` writes a `jax.profiler` trace of
+chosen steps next to the TensorBoard events (`train.profile_steps=[start, stop]`).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 
 
 class MetricsWriter:
     def __init__(self, workdir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool | None = None,
-                 progress: bool = True):
+                 progress: bool = True, tracker: str = "none", run_name: str | None = None):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._bar = self._tb = self._jsonl = None
+        self._bar = self._jsonl = None
+        self._trackers: list[Tracker] = []
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self._trackers.append(TensorBoard(self.workdir / "tensorboard"))
+        if tracker == "wandb":
+            self._trackers.append(WandB(self.workdir, run_name or self.workdir.name))
         if progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -38,9 +44,22 @@ class MetricsWriter:
         record = {"step": int(step), "kind": kind, "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
         self._jsonl.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                self._tb.add_scalar(f"{kind}/{k}", v, step)
+        scalars = {f"{kind}/{k}": v for k, v in record.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
+        for t in self._trackers:
+            t.scalars(int(step), scalars)
+
+    def write_hparams(self, config: dict[str, Any]) -> None:
+        """The run's settings (a nested dict, e.g. the config's JSON), flattened to dotted keys."""
+        if self.enabled:
+            for t in self._trackers:
+                t.hparams(_flatten(config))
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """A piece of text, e.g. the final sample (TensorBoard's Text tab)."""
+        if self.enabled:
+            for t in self._trackers:
+                t.text(int(step), tag, text)
 
     def progress(self, step: int, **shown: float | str) -> None:
         """Moves the bar to `step` and shows e.g. loss, tok/s, MFU."""
@@ -68,11 +87,106 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.close_progress()
-        if self._tb is not None:
-            self._tb.close()
+        for t in self._trackers:
+            t.close()
         if self._jsonl is not None:
             self._jsonl.close()
-        self._bar = self._tb = self._jsonl = None
+        self._bar = self._jsonl = None
+        self._trackers = []
+
+
+class Tracker(Protocol):
+    """Where a run's metrics go besides metrics.jsonl."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+    def hparams(self, values: dict[str, bool | int | float | str]) -> None: ...
+    def text(self, step: int, tag: str, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class TensorBoard:
+    """Event files in `logdir` (tensorboardX): scalars, the HParams tab and the Text tab."""
+
+    def __init__(self, logdir: Path):
+        from tensorboardX import SummaryWriter
+        self._w = SummaryWriter(str(logdir))
+
+    def scalars(self, step, values):
+        for k, v in values.items():
+            self._w.add_scalar(k, v, step)
+
+    def hparams(self, values):
+        from tensorboardX.summary import hparams
+        # The HParams tab reads these metrics from the scalars of the same tags.
+        for summary in hparams(values, {"eval/loss": 0.0, "eval/accuracy": 0.0}):
+            self._w.file_writer.add_summary(summary)
+
+    def text(self, step, tag, text):
+        self._w.add_text(tag, text, step)
+
+    def close(self):
+        self._w.close()
+
+
+class WandB:
+    """Weights & Biases (`pip install wandb`), offline unless WANDB_MODE says otherwise: the run
+    lands in <workdir>/wandb; `wandb sync` uploads it later."""
+
+    def __init__(self, workdir: Path, name: str):
+        import wandb
+        self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "transformer-jax"), name=name,
+                               dir=str(workdir), mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def scalars(self, step, values):
+        self._run.log(values, step=step)
+
+    def hparams(self, values):
+        self._run.config.update(values, allow_val_change=True)
+
+    def text(self, step, tag, text):
+        self._run.summary[tag] = text
+
+    def close(self):
+        self._run.finish()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, bool | int | float | str]:
+    """{"a": {"b": 1}, "c": [1, 2], "d": None} -> {"a.b": 1, "c": "[1, 2]", "d": "None"}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    return out
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of steps start..stop (inclusive, 1-based), written under `logdir`
+    (plugins/profile/<time>/<host>.xplane.pb: TensorBoard's Profile tab, or XProf).
+
+        profiler.before(step + 1); state, m = train_step(state, batch); step += 1; profiler.after(step, m)
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, logdir: str | Path):
+        self.start, self.stop = steps if steps else (0, -1)
+        self.logdir = Path(logdir)
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if not self.active and self.start <= step <= self.stop:
+            jax.profiler.start_trace(str(self.logdir))
+            self.active = True
+
+    def after(self, step: int, outputs: Any) -> None:
+        if self.active and step >= self.stop:
+            jax.block_until_ready(outputs)  # the trace holds the device work of the last step
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 def _plain(v):

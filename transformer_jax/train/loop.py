@@ -23,7 +23,7 @@ from transformer_jax import data
 from transformer_jax.checkpoint import Checkpointer, PreemptionGuard, init_from
 from transformer_jax.config import ConfigError
 from transformer_jax.experiment import ExperimentConfig
-from transformer_jax.metrics import MetricsWriter, plot_losses, read_metrics
+from transformer_jax.metrics import MetricsWriter, StepProfiler, plot_losses, read_metrics
 from transformer_jax.parallel import check_batch, describe_mesh, get_rules, make_mesh, maybe_initialize_distributed
 from transformer_jax.train.hardware import peak_flops_per_device
 from transformer_jax.train.step import TrainSetup, make_train_setup
@@ -116,7 +116,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     budget_end = None if cfg.train.time_budget_s is None else t0 + cfg.train.time_budget_s - elapsed_before
     peak, peak_source = peak_flops_per_device()
     peak *= jax.device_count()
-    writer = MetricsWriter(workdir, total_steps=cfg.train.steps, start_step=start, enabled=primary)
+    writer = MetricsWriter(workdir, total_steps=cfg.train.steps, start_step=start, enabled=primary,
+                           tracker=cfg.train.tracker, run_name=cfg.name)
+    writer.write_hparams(json.loads(cfg.to_json()))
+    profiler = StepProfiler(cfg.train.profile_steps, workdir / "tensorboard")
     train_it.start_prefetch()
 
     def save(step, state):
@@ -131,8 +134,10 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
             batch = data.make_global_batch(next(train_it), setup.batch_sharding)
             if flops is None:
                 flops = setup.flops_per_step(batch)
+            profiler.before(step + 1)
             state, metrics = setup.train_step(state, batch)
             step += 1
+            profiler.after(step, metrics)
             pending.append((step, metrics))
             steps_since_log += 1
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -179,6 +184,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                 break
     if last_saved != step and not halted:
         save(step, state)
+    profiler.close()
     ckpt.wait_until_finished()
     train_it.close()
     writer.close_progress()
@@ -227,6 +233,7 @@ def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int, elap
             lines.append(f"loss curve: {plot}")
     if cfg.model.family == "decoder" and cfg.train.sample_tokens:
         ev["sample"] = sample_text(run, state.params, cfg.train.sample_prompt, cfg.train.sample_tokens)
+        writer.write_text(int(state.step), "sample", cfg.train.sample_prompt + ev["sample"])
         lines.append(f"sample (temperature 0.8, top-p 0.95):\n{cfg.train.sample_prompt}{ev['sample']}")
     for line in lines:
         writer.print(line)
