@@ -151,7 +151,6 @@ def test_profile_steps_and_tracker_settings_are_checked():
 
 
 def test_wandb_tracker_writes_an_offline_run(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default
     w = MetricsWriter(tmp_path, total_steps=3, enabled=True, progress=False, tracker="wandb", run_name="tiny")
     w.write_hparams({"model": {"d_model": 64}})
