@@ -151,7 +151,38 @@ class TrainSetup:
                                rngs={"dropout": key} if train else None)
 
     def _grads(self, params, batch, key) -> tuple[Any, dict[str, jax.Array]]:
-        """Gradients of the summed loss and the sums, over `grad_accum_steps` microbatches."""
+        """Gradients of the summed loss and the sums, over `grad_accum_steps` microbatches.
+
+        Data parallelism is written out (`jax.shard_map`, manual over the `data` axis; fsdp and
+        tensor stay with GSPMD): each data replica sums its own rows' gradients over all its
+        microbatches and the output layer's chunks, and the replicas then add them up with one
+        psum per step: the textbook single all-reduce of the gradients. Left to GSPMD, the
+        partial sums are reduced inside every loop (per microbatch, per loss chunk) and the tied
+        embedding's two uses separately. With dropout on, masks are drawn for the global batch
+        shape (the same on any mesh), so that path stays with GSPMD; so does a mesh with data,
+        fsdp and tensor all > 1, whose partially manual program crashes XLA's SPMD partitioner
+        (jax 0.10.2: "Check failed: partition_group_list.num_replica_groups() ...")."""
+        k = self.optim_cfg.grad_accum_steps
+        rows = next(iter(batch.values())).shape[0]
+        n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if k > 1 and rows % (k * n):
+            raise ConfigError(f"global batch {rows} is not divisible by optim.grad_accum_steps={k} x data*fsdp={n}; "
+                              f"use a multiple of {k * n}")
+        d, f, t = (self.mesh.shape[a] for a in ("data", "fsdp", "tensor"))
+        if d == 1 or key is not None or (f > 1 and t > 1):
+            return self._local_grads(params, batch, key, self.rules)
+        rules = tuple((name, _without(axes, "data")) for name, axes in self.rules)
+
+        def replica(params, batch):
+            with nn.logical_axis_rules(rules):
+                grads, sums = self._local_grads(params, batch, None, rules)
+            return jax.lax.psum((grads, sums), "data")
+
+        return jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), P("data")), out_specs=(P(), P()),
+                             axis_names={"data"}, check_vma=False)(params, batch)
+
+    def _local_grads(self, params, batch, key, rules: Rules) -> tuple[Any, dict[str, jax.Array]]:
+        """`_grads` over the rows given, sharded by `rules` (GSPMD reduces over their batch axes)."""
         # Frozen parameters get a zero gradient (their dW matmuls are dropped); the optimizer zeroes their update.
         stop = lambda p: jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, self.frozen)  # noqa: E731
         grad_fn = jax.grad(lambda p, b, k: (lambda s: (s["loss"], s))(self._sums(stop(p), b, k)), has_aux=True)
@@ -159,19 +190,15 @@ class TrainSetup:
         if k == 1:
             return grad_fn(params, batch, key)
         rows = next(iter(batch.values())).shape[0]
-        n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if rows % (k * n):
-            raise ConfigError(f"global batch {rows} is not divisible by optim.grad_accum_steps={k} x data*fsdp={n}; "
-                              f"use a multiple of {k * n}")
         # Microbatch i holds rows i, i+k, i+2k...: each device keeps its own rows (no reshuffle).
         micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(rows // k, k, *x.shape[1:]), 1, 0), batch)
-        micro = jax.lax.with_sharding_constraint(micro, NamedSharding(self.mesh, P(None, *self.batch_spec)))
-        grad_shardings = self.state_shardings.params
+        micro = jax.lax.with_sharding_constraint(micro, P(None, nn.logical_to_mesh_axes(("batch",), rules)[0]))
+        grad_specs = jax.tree.map(lambda s: s.spec, self.state_shardings.params)
 
         def body(acc, xs):
             i, mb = xs
             g, s = grad_fn(params, mb, None if key is None else jax.random.fold_in(key, i))
-            g = jax.lax.with_sharding_constraint(g, grad_shardings)
+            g = jax.lax.with_sharding_constraint(g, grad_specs)
             return jax.tree.map(jnp.add, acc, (g, s)), None
 
         zeros = (jax.tree.map(jnp.zeros_like, params), {name: jnp.zeros((), jnp.float32) for name in SUMS})
@@ -200,6 +227,13 @@ class TrainSetup:
     def _eval_step(self, state: TrainState, batch):
         s = self._sums(state.params, batch, None)
         return {"nll_sum": s["nll"], "correct": s["correct"], "tokens": s["tokens"]}
+
+
+def _without(axes, drop: str):
+    """A rule's mesh axes with `drop` removed (None when nothing is left)."""
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = tuple(a for a in axes if a != drop)
+    return kept[0] if len(kept) == 1 else (kept or None)
 
 
 def make_train_setup(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, task_cfg: TaskConfig, mesh: Mesh,
