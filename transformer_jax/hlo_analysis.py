@@ -10,7 +10,9 @@ Every instruction is weighted by how many times it runs: a `while` body runs its
 trip count comes from the loop condition's `compare(i, constant)` or, failing that, is 1
 and listed in `unknown_loops`). Branches of a `conditional` count once each (an upper bound).
 
-Collective bytes are per device. `operand_bytes` sums the operands as written; `link_bytes`
+Collective bytes are per device. `operand_bytes` sums the operands as written; `array_bytes`
+the whole arrays, the unit of the textbook formulas (transformer_jax/collectives.py): an
+all-gather's result, a reduce-scatter's or all-reduce's operand; `link_bytes`
 is what a ring algorithm moves out of each device over a group of n (Patarasuk & Yuan;
 "How to Scale Your Model", ch. 3): all-gather S(n-1) for an operand S (the result is nS),
 reduce-scatter S(n-1)/n, all-reduce 2S(n-1)/n, all-to-all S(n-1)/n, collective-permute S.
@@ -66,11 +68,13 @@ class CollectiveStats:
     count: float = 0.0  # executions per step
     operand_bytes: float = 0.0
     link_bytes: float = 0.0  # ring-algorithm bytes sent per device
+    array_bytes: float = 0.0  # the whole array: all-gather result, reduce-scatter / all-reduce operand
 
-    def add(self, times: float, operand: float, link: float) -> None:
+    def add(self, times: float, operand: float, link: float, array: float | None = None) -> None:
         self.count += times
         self.operand_bytes += times * operand
         self.link_bytes += times * link
+        self.array_bytes += times * (operand if array is None else array)
 
 
 @dataclasses.dataclass
@@ -377,7 +381,7 @@ def _collective(stats: HloStats, comp: Computation, instr: Instr, kind: str, tim
         s = sum(map(shape_bytes, shapes))
         link = {"all-gather": s * (n - 1), "reduce-scatter": s * (n - 1) / n,
                 "all-to-all": s * (n - 1) / n, "collective-permute": s}[kind]
-        stats.collectives[kind].add(times, s, link)
+        stats.collectives[kind].add(times, s, link, s * n if kind == "all-gather" else s)
         return
     sliced = _sliced_elements(comp, instr, comps) if n > 1 else [False] * len(shapes)
     for shape, is_sliced in zip(shapes, sliced + [False] * (len(shapes) - len(sliced))):

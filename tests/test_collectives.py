@@ -1,0 +1,125 @@
+"""Collective bytes of the compiled train step against the textbook (transformer_jax/collectives.py),
+every preset on 8 fake devices, loop trip counts applied (the fused loss's chunk loop, the
+microbatch loop). A regression that reduces inside a loop again multiplies the bytes and fails.
+
+Where the step still moves more than the textbook, the excess is named and pinned (so it can only
+shrink), and a strict xfail states the 1.1x target it misses."""
+import math
+
+import jax
+import pytest
+
+from transformer_jax.collectives import KINDS, measured_bytes, textbook_bytes
+from transformer_jax.hlo_analysis import analyze_hlo
+from transformer_jax.models import get_config
+from transformer_jax.parallel import MeshConfig, get_rules, make_mesh
+from transformer_jax.train import OptimizerConfig, TaskConfig, make_train_setup, synthetic_batch
+
+MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "dp_tp": (4, 1, 2), "fsdp_tp": (2, 2, 2)}
+# The bench model's proportions, smaller: tied embeddings, 4 loss chunks per sequence.
+B, L, D, V, LAYERS = 8, 128, 128, 4096, 2
+BATCH = synthetic_batch("lm", B, L, V)
+
+
+def _setup(preset, accum=1, mesh=None, **model):
+    d, f, t = mesh or MESHES[preset]
+    cfg = get_config("bench", num_layers=LAYERS, d_model=D, num_heads=8, d_ff=4 * D, vocab_size=V, max_len=L,
+                     **model)
+    return make_train_setup(cfg, OptimizerConfig(grad_accum_steps=accum), TaskConfig(task="lm", loss_chunk=32),
+                            make_mesh(MeshConfig(data=d, fsdp=f, tensor=t, preset=preset)), get_rules(preset), 10)
+
+
+_CACHE = {}
+
+
+def measure(preset, accum=1, mesh=None, rows=B, **model):
+    key = (preset, accum, mesh, rows, tuple(sorted(model.items())))
+    if key not in _CACHE:
+        setup = _setup(preset, accum, mesh, **model)
+        batch = synthetic_batch("lm", rows, L, V)
+        stats = analyze_hlo(setup.compiled_train_step(batch).as_text(), 8)
+        _CACHE[key] = (setup, measured_bytes(stats), textbook_bytes(setup, batch), stats)
+    return _CACHE[key]
+
+
+def _table(setup):
+    t = setup.mesh.shape["tensor"]
+    return 4 * V * D / t  # the tied embedding's f32 gradient, per tensor shard
+
+
+def _act(setup):
+    d, f = setup.mesh.shape["data"], setup.mesh.shape["fsdp"]
+    return B // (d * f) * L * D * 4
+
+
+# Known excess over the textbook, by preset and kind (bytes), each with its cause:
+# - tied table: its gradient has two uses (lookup, output layer), reduced separately over fsdp
+#   (GSPMD: each use's partial sum is reduced where it is made), and gathered once more.
+# - q/k/v: XLA all-reduces the input gradients of the q, k and v projections separately
+#   (3 instead of 1 per layer in the backward pass).
+def excess(preset, setup):
+    qkv = 2 * LAYERS * _act(setup)
+    return {"dp": {},
+            "fsdp": {"reduce-scatter": _table(setup)},
+            "tp": {"all-reduce": qkv},
+            "dp_tp": {"all-reduce": qkv},
+            "fsdp_tp": {"all-gather": _table(setup), "reduce-scatter": _table(setup), "all-reduce": qkv}}[preset]
+
+
+@pytest.mark.parametrize("preset", list(MESHES))
+def test_collectives_are_the_textbook_plus_named_excess(preset):
+    setup, got, want, _ = measure(preset)
+    extra = excess(preset, setup)
+    total_got, total_want = sum(got.values()), sum(want.values()) + sum(extra.values())
+    assert total_got <= 1.1 * total_want, (got, want, extra)
+    assert total_got >= 0.9 * sum(want.values()), (got, want)  # the formula is not an overestimate
+    if preset != "fsdp_tp":  # data x fsdp: XLA splits the gradient reduction between kinds its own way
+        small = 0.02 * sum(want.values())  # per-token softmax statistics over a split vocabulary
+        for k in KINDS:
+            assert got[k] <= 1.1 * (want[k] + extra.get(k, 0.0)) + small, (k, got, want, extra)
+
+
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xfail(
+    strict=True, reason="named excess: tests/test_collectives.py excess()")) if p != "dp" else p for p in MESHES])
+def test_collectives_within_1_1x_of_the_textbook(preset):
+    _, got, want, _ = measure(preset)
+    assert sum(got.values()) <= 1.1 * sum(want.values()), (got, want)
+
+
+def test_data_parallel_reduces_once_per_step_not_per_chunk_or_microbatch():
+    setup, got, want, stats = measure("dp", accum=2, rows=16)
+    assert stats.loops and max(stats.loops.values()) >= 2  # the loops are there, and counted
+    params = 4 * setup.param_count
+    assert got["all-reduce"] == pytest.approx(params, rel=0.01)  # every gradient once, tied table included
+    assert want["all-reduce"] == pytest.approx(params, rel=1e-9)
+    assert got["all-gather"] == got["reduce-scatter"] == 0
+
+
+@pytest.mark.slow
+def test_accumulation_keeps_the_data_reduction_once_on_a_tp_mesh():
+    setup, got1, _, _ = measure("dp_tp")
+    _, got2, _, _ = measure("dp_tp", accum=2)
+    # the TP activation all-reduces run per microbatch on half the rows: the same bytes; the
+    # gradient all-reduce over data stays once per step
+    assert got2["all-reduce"] == pytest.approx(got1["all-reduce"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_fused_loss_chunks_do_not_multiply_the_output_layer_reduction():
+    # 4 chunks per sequence vs 1: the same bytes (the dW carry is reduced after the loop)
+    _, got4, _, _ = measure("fsdp")
+    setup = _setup("fsdp")
+    one = make_train_setup(setup.model_cfg, setup.optim_cfg, TaskConfig(task="lm", loss_chunk=L), setup.mesh,
+                           setup.rules, 10)
+    got1 = measured_bytes(analyze_hlo(one.compiled_train_step(BATCH).as_text(), 8))
+    for k in KINDS:
+        assert got4[k] == pytest.approx(got1[k], rel=0.01, abs=4096), k
+
+
+def test_textbook_formula_by_hand():
+    setup, _, want, _ = measure("fsdp_tp")
+    act = _act(setup)
+    p_fsdp = sum(math.prod(x.shape) * 4 / (2 if "tensor" in str(x.sharding.spec) else 1)
+                 for x in jax.tree.leaves(setup.abstract_state.params) if "fsdp" in str(x.sharding.spec))
+    assert want["all-gather"] == 2 * p_fsdp and want["reduce-scatter"] == p_fsdp
+    assert want["all-reduce"] >= p_fsdp / 2 + (4 * LAYERS + 2) * act

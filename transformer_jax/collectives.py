@@ -1,0 +1,79 @@
+"""The textbook communication of one train step, per device, by collective kind.
+
+    want = textbook_bytes(setup, batch)   # {"all-gather": bytes, "reduce-scatter": ..., "all-reduce": ...}
+    got = measured_bytes(analyze_hlo(setup.compiled_train_step(batch).as_text(), n))
+    table = compare(setup, batch, got)    # rows of (kind, measured, textbook, ratio)
+
+Bytes are those of the whole arrays a collective is about (an all-gather's result, an
+all-reduce's or reduce-scatter's operand), as "How to Scale Your Model" (ch. 5) counts them;
+ring link bytes follow from them (hlo_analysis.py). Over a mesh (data d, fsdp f, tensor t),
+with P_f the gradient bytes of the parameters split over fsdp and P_r those of the others,
+both per tensor shard, and A one [batch rows per device, length, d_model] activation:
+
+    all-gather      2 P_f             FSDP: every weight gathered for the forward and again for the backward
+    reduce-scatter  P_f               FSDP: every gradient reduce-scattered once per step
+    all-reduce      P_r (d f > 1)     DP: every replicated gradient all-reduced once per step,
+                    + P_f / f (d > 1)     the FSDP shards of the others across data replicas
+                    + (4 N + 2) A (t > 1)   Megatron TP: per layer 2 forward (attention and MLP
+                                        outputs) and 2 backward (their inputs' gradients), plus the
+                                        vocab-split embedding lookup and the output layer's dh
+
+Gradient accumulation does not change any of it: one reduction per step, not per microbatch
+(FSDP's reduce-scatter excepted, which runs per microbatch so that no device ever holds a
+whole gradient; that is P_f per microbatch). The TP term is that of decoder-only (lm) and
+encoder-only (mlm) models; scalars (the loss sums, softmax statistics) are left out.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce")
+
+
+def _axes(spec) -> set[str]:
+    return {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+
+
+def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
+    """The formula of the module docstring for a TrainSetup and a batch (arrays or shapes)."""
+    mesh = setup.mesh
+    d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
+    p_fsdp = p_rest = 0.0
+    for x in jax.tree.leaves(setup.abstract_state.params):
+        axes = _axes(x.sharding.spec)
+        nbytes = math.prod(x.shape) * x.dtype.itemsize / (t if "tensor" in axes else 1)
+        if f > 1 and "fsdp" in axes:
+            p_fsdp += nbytes
+        else:
+            p_rest += nbytes
+    k = setup.optim_cfg.grad_accum_steps
+    out = {"all-gather": 2 * k * p_fsdp, "reduce-scatter": k * p_fsdp, "all-reduce": 0.0}
+    if d * f > 1:
+        out["all-reduce"] += p_rest
+    if d > 1:
+        out["all-reduce"] += p_fsdp / f
+    if t > 1:
+        cfg = setup.model_cfg
+        rows, length = batch["inputs"].shape
+        act = rows // (d * f) * length * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
+        out["all-reduce"] += (4 * cfg.num_layers + 2) * act
+    return out
+
+
+def measured_bytes(stats: Any) -> dict[str, float]:
+    """{kind: array bytes} of an hlo_analysis.HloStats (loop trip counts applied)."""
+    return {k: stats.collectives[k].array_bytes for k in KINDS}
+
+
+def compare(setup: Any, batch: Any, measured: dict[str, float]) -> list[tuple[str, float, float, float]]:
+    """(kind, measured, textbook, measured / textbook) for each kind that either side has."""
+    want = textbook_bytes(setup, batch)
+    rows = []
+    for k in KINDS:
+        if measured.get(k, 0.0) or want[k]:
+            rows.append((k, measured.get(k, 0.0), want[k], measured.get(k, 0.0) / want[k] if want[k] else math.inf))
+    return rows
