@@ -140,3 +140,44 @@ def test_fused_chunked_loss_equals_whole_logits(task, name, extra):
     scale = max(np.abs(x).max() for x in jax.tree.leaves(g_whole))  # key-bias gradients are float noise
     for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_whole)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+# -- the MLM head at the masked positions only equals the head at every position ---------------
+
+def test_mlm_head_at_masked_positions_equals_every_position():
+    from transformer_jax.train.losses import batch_loss_sums, mlm_predictions
+    cfg = get_config("bert-tiny")
+    model = build_model(cfg)
+    batch = synthetic_batch("mlm", 4, 40, cfg.vocab_size, fill=0.8)  # padding rows' tails: fewer targets
+    args, kw = model_inputs(init_inputs("mlm", 4, 8), "mlm")
+    params = jax.jit(lambda: model.init(jax.random.key(0), *args, **kw))()["params"]
+    results = {}
+    for fraction in (0.0, 0.25):
+        task_cfg = TaskConfig(task="mlm", mlm_predict_fraction=fraction, z_loss=1e-2, label_smoothing=0.1)
+
+        def loss(p, b, task_cfg=task_cfg):
+            sums = batch_loss_sums(model, p, b, task_cfg)
+            return sums["loss"], sums
+        results[fraction] = jax.device_get(jax.jit(jax.grad(loss, has_aux=True))(params, batch))
+    assert mlm_predictions(TaskConfig(task="mlm", mlm_predict_fraction=0.25), 40) == 10  # of 40 positions
+    assert 0 < (batch["weights"] > 0).sum(1).max() <= 10
+    (g_all, s_all), (g_masked, s_masked) = results[0.0], results[0.25]
+    assert s_all["tokens"] == batch["weights"].sum()
+    for k in s_all:  # loss, nll, accuracy (correct), tokens, z_loss
+        np.testing.assert_allclose(s_masked[k], s_all[k], rtol=1e-5, err_msg=k)
+    scale = max(np.abs(x).max() for x in jax.tree.leaves(g_all))
+    for a, b in zip(jax.tree.leaves(g_masked), jax.tree.leaves(g_all)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_mlm_batch_with_more_targets_than_the_head_computes_is_an_error():
+    from transformer_jax.train.losses import check_mlm_batch
+    cfg = TaskConfig(task="mlm", mlm_predict_fraction=0.25)
+    weights = np.zeros((2, 40), np.float32)
+    weights[1, :10] = 1.0
+    check_mlm_batch(cfg, weights)  # 10 of 40: fits
+    weights[1, :11] = 1.0
+    with pytest.raises(ValueError, match=r"a row has 11 MLM targets .* raise it to >= 0.275"):
+        check_mlm_batch(cfg, weights)
+    with pytest.raises(ConfigError, match=r"task.mlm_predict_fraction=1.5 must be in \[0, 1\]"):
+        TaskConfig(task="mlm", mlm_predict_fraction=1.5)

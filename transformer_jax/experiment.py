@@ -82,6 +82,10 @@ class ExperimentConfig(Config):
         if self.model.family != need:
             raise ConfigError(f"task {self.task.task!r} needs model.family={need!r}, got {self.model.family!r}; "
                               "choose another model preset")
+        f = self.task.mlm_predict_fraction
+        if self.task.task == "mlm" and 0 < f < self.data.mask_rate:
+            raise ConfigError(f"task.mlm_predict_fraction={f} is below data.mask_rate={self.data.mask_rate}: the "
+                              "MLM head would not reach every masked position; raise it (or 0: every position)")
         if self.model.position == "learned" and self.train.seq_len > self.model.max_len:
             raise ConfigError(f"train.seq_len={self.train.seq_len} exceeds model.max_len={self.model.max_len}; "
                               "raise model.max_len or lower train.seq_len")

@@ -3,6 +3,7 @@ masked-LM head and a sequence-classification head.
 
     hidden_BLD = model.apply(v, tokens, head="none")
     mlm_logits_BLV = model.apply(v, tokens, head="mlm")
+    mlm_logits_BKV = model.apply(v, tokens, head="mlm", predict_BK=idx_BK)  # only at positions idx_BK
     class_logits_BC = model.apply(v, tokens, head="classify")  # pools the first token
 
 Parameters of a head are created when that head is first used, so a model initialised
@@ -33,7 +34,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, tokens_BL: jax.Array, *, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, token_types: jax.Array | None = None,
-                 head: Head = "mlm", deterministic: bool = True) -> jax.Array:
+                 head: Head = "mlm", predict_BK: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         if cfg.family != "encoder":
             raise ValueError(f"Encoder needs model.family='encoder', got {cfg.family!r}")
@@ -49,6 +50,8 @@ class Encoder(nn.Module):
         if head == "none":
             return h_BLD
         if head == "mlm":
+            if predict_BK is not None:  # the vocabulary logits of the masked positions only
+                h_BLD = jnp.take_along_axis(h_BLD, predict_BK[..., None], axis=1)  # [B, K, D]
             return MLMHead(cfg, name="mlm_head")(h_BLD, embedder)
         if head == "classify":
             return ClassifierHead(cfg, name="classifier")(h_BLD[:, 0], deterministic)

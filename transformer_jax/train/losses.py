@@ -14,10 +14,12 @@ over real targets (weights > 0), never means, so that
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transformer_jax.config import Config, ConfigError
 
@@ -37,12 +39,19 @@ class TaskConfig(Config):
     # lm/span/seq2seq: output layer + loss fused, this many positions at a time, never the whole
     # [B, L, V] logits (train/fused_loss.py); 0: whole logits. Same numbers, less memory and time.
     loss_chunk: int = 128
+    # mlm: the head (transform + vocabulary logits) runs at this fraction of each row's positions,
+    # those with weight > 0 first (the masked ones; BERT selects 15%); 0: every position. A batch
+    # with more weighted positions in a row is an error (train step), never silently cut.
+    mlm_predict_fraction: float = 0.25
 
     def validate(self) -> None:
         if self.z_loss < 0:
             raise ConfigError(f"task.z_loss={self.z_loss} must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"task.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        if not 0.0 <= self.mlm_predict_fraction <= 1.0:
+            raise ConfigError(f"task.mlm_predict_fraction={self.mlm_predict_fraction} must be in [0, 1] "
+                              "(0: the MLM head at every position)")
         if self.loss_chunk < 0:
             raise ConfigError(f"task.loss_chunk={self.loss_chunk} must be >= 0 (0: whole logits)")
 
@@ -115,8 +124,39 @@ def batch_loss_sums(model: Any, params: Any, batch: dict[str, jax.Array], cfg: T
         targets, weights = labels(batch, cfg.task)
         return fused_cross_entropy_sums(h, w, targets, weights, cfg.loss_chunk, cfg.z_loss, cfg.label_smoothing,
                                         head_dtype(model.config.dtype))
+    k = mlm_predictions(cfg, batch["inputs"].shape[1]) if cfg.task == "mlm" else 0
+    if k:
+        return _masked_lm_sums(model, params, batch, cfg, k, deterministic=deterministic, rngs=rngs)
     logits, targets, weights = forward(model, params, batch, cfg.task, deterministic=deterministic, rngs=rngs)
     return cross_entropy_sums(logits, targets, weights, z_loss=cfg.z_loss, label_smoothing=cfg.label_smoothing)
+
+
+def mlm_predictions(cfg: TaskConfig, length: int) -> int:
+    """How many positions per row the MLM head computes (0: all of them)."""
+    k = math.ceil(cfg.mlm_predict_fraction * length)
+    return k if 0 < k < length else 0
+
+
+def check_mlm_batch(cfg: TaskConfig, weights: Any) -> None:
+    """A ValueError when a row of host `weights` [B, L] has more targets than the MLM head computes."""
+    k = mlm_predictions(cfg, weights.shape[1])
+    most = int(np.max(np.sum(np.asarray(weights) > 0, axis=1), initial=0))
+    if k and most > k:
+        raise ValueError(f"a row has {most} MLM targets but task.mlm_predict_fraction={cfg.mlm_predict_fraction} "
+                         f"computes {k} of {weights.shape[1]} positions; raise it to >= {most / weights.shape[1]:.3f} "
+                         "(or lower data.mask_rate)")
+
+
+def _masked_lm_sums(model, params, batch, cfg: TaskConfig, k: int, **kw) -> dict[str, jax.Array]:
+    """MLM loss sums from the head at the k positions of each row with weight > 0 first (in order),
+    padded with weight-0 positions: the same sums as the head at every position."""
+    w_BL = batch["weights"]
+    idx_BK = jnp.argsort(w_BL <= 0, axis=1, stable=True)[:, :k].astype(jnp.int32)
+    args, kwargs = model_inputs(batch, "mlm")
+    logits = model.apply({"params": params}, *args, **kwargs, predict_BK=idx_BK, **kw)
+    pick = lambda x: jnp.take_along_axis(x, idx_BK, axis=1)  # noqa: E731
+    return cross_entropy_sums(logits, pick(batch["targets"]), pick(w_BL), z_loss=cfg.z_loss,
+                              label_smoothing=cfg.label_smoothing)
 
 
 def head_dtype(compute_dtype: str) -> jnp.dtype:

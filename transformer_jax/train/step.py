@@ -31,7 +31,8 @@ from transformer_jax.models import ModelConfig, build_model
 from transformer_jax.parallel.partition import check_divisible, logical_shardings
 from transformer_jax.parallel.rules import Rules
 from transformer_jax.train.flops import train_flops
-from transformer_jax.train.losses import SUMS, TaskConfig, batch_loss_sums, init_inputs, model_inputs
+from transformer_jax.train.losses import (SUMS, TaskConfig, batch_loss_sums, check_mlm_batch, init_inputs,
+                                         model_inputs)
 from transformer_jax.train.optim import OptimizerConfig, frozen_mask, make_optimizer, make_schedule
 from transformer_jax.train.state import TrainState
 
@@ -123,6 +124,8 @@ class TrainSetup:
 
     def _place(self, batch: dict) -> dict:
         """Host arrays (one process) go to the batch sharding; global jax.Arrays pass as they are."""
+        if self.task_cfg.task == "mlm" and not isinstance(batch["weights"], jax.Array):
+            check_mlm_batch(self.task_cfg, batch["weights"])
         if all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)):
             return batch
         if jax.process_count() > 1:
