@@ -11,19 +11,24 @@ have exactly that many CPU devices, the compile runs in a subprocess started wit
 Per device it reports: parameter and optimizer-state bytes (from the arrays' shardings),
 XLA's memory analysis (arguments, outputs, donated aliases, temporaries = activations,
 gradients and workspace), model FLOPs (train/flops.py) and XLA's matmul FLOPs (remat
-included), collective bytes by kind (transformer_jax/hlo_analysis.py), and a prediction
-for the chip (train/hardware.py) as a range:
+included), collective bytes by kind beside the textbook's (transformer_jax/collectives.py,
+loop trip counts applied), and one predicted step time for the chip (train/hardware.py):
 
-    compute = matmul FLOPs / peak                      (the larger of XLA's count and the model's)
-    memory  = (2 x temp + arguments + outputs) / HBM bandwidth   (each live byte moved once: a floor)
-    comm    = ring link bytes / interconnect bandwidth of one mesh axis
-    fast    = max(compute, memory, comm)               roofline, everything overlapped -> MFU ceiling
-    slow    = sum over ops of max(op FLOPs / peak, op bytes / HBM bandwidth) + comm
-              with XLA:CPU's fusion (coarser than TPU/GPU's, bf16 converted to f32 around
-              elementwise ops) and no overlap -> a pessimistic MFU
+    compute = sum over matmul ops of max(FLOPs / (efficiency x peak), HBM bytes / bandwidth)
+              (XLA's matmul FLOPs: loops counted, remat's recomputation included)
+    memory  = sum over the other ops of HBM bytes / bandwidth (memory-bound: norms, softmax...)
+    comm    = ring link bytes / interconnect bandwidth, less the weight all-gathers and gradient
+              reduce-scatters that hide behind compute (async on TPU/GPU; none on CPU)
+    step    = compute + memory + comm
 
-MFU = model FLOPs / (chips x peak x step). Well-tuned large runs land in between (typically
-40-60% MFU on TPU/H100 for dense models this size). Blockwise attention (`chunked`, what
+`efficiency` is the fraction of peak the step's matmuls reach (hardware.py: assumed 0.8 on
+accelerators, calibrated on CPU). Ops are those of XLA:CPU's fusion, coarser than TPU/GPU's
+(and bf16 converted to f32 around elementwise ops), so `memory` leans high off CPU. A
+footnote gives the bounds: everything overlapped at full peak (roofline) and nothing
+overlapped at full peak.
+
+MFU = model FLOPs / (chips x peak x step); model FLOPs leave remat's recomputation out
+(train/flops.py), the hardware FLOPs line shows it. Blockwise attention (`chunked`, what
 CPU compiles in place of splash / cuDNN flash attention) is counted for FLOPs, not for the
 HBM bytes of its tiles, which stay on chip in those kernels.
 """
@@ -95,6 +100,7 @@ def abstract_batch(cfg) -> dict:
 
 def _compile_once(cfg, devices: int) -> dict:
     import jax
+    from transformer_jax.collectives import textbook_bytes
     from transformer_jax.hlo_analysis import analyze_hlo
     from transformer_jax.parallel import check_batch, get_rules, make_mesh
     from transformer_jax.train import make_train_setup
@@ -124,6 +130,7 @@ def _compile_once(cfg, devices: int) -> dict:
         model_flops=float(setup.flops_per_step(batch)), dot_flops=hlo.dot_flops, hbm_bytes=hlo.hbm_bytes,
         ops=_compact_ops(hlo.ops), unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
         collectives={k: dataclasses.asdict(v) for k, v in hlo.collectives.items()},
+        textbook=textbook_bytes(setup, batch),
         mesh=_mesh_str(mesh_cfg_of(cfg, devices)), preset=cfg.mesh.preset)
 
 
@@ -159,6 +166,7 @@ def measure(cfg, devices: int, layers: int | None = None) -> dict:
         out[key] = lin(a[key], b[key])
     out["collectives"] = {k: {f: lin(a["collectives"][k][f], b["collectives"][k][f]) for f in a["collectives"][k]}
                           for k in a["collectives"]}
+    out["textbook"] = {k: lin(a["textbook"][k], b["textbook"][k]) for k in a["textbook"]}
     out["ops"] = [[t * x, f, by] for t, f, by in b["ops"]] + [[t * (1 - x), f, by] for t, f, by in a["ops"]]
     out["model_flops"] = float(exact["model_flops"])
     out["compiled_layers"] = [layers, k2]
@@ -188,23 +196,34 @@ def peak_bytes(m: dict) -> float:
 
 def predict(m: dict, chip, devices: int, tokens: int) -> dict:
     """Step time, MFU and fit of measurement `m` on `chip` (a hardware.Chip); see the module docstring."""
-    flops = max(m["dot_flops"], m["model_flops"] / devices)  # loops of unknown length count once in dot_flops
-    compute = flops / chip.peak_flops
-    live = 2 * m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"]
-    memory = live / chip.hbm_bandwidth
+    # hardware matmul FLOPs: XLA's count with loop trip counts, remat's recomputation included
+    # (loops of unknown length count once: never below the model's own count)
+    flops = max(m["dot_flops"], m["model_flops"] / devices)
+    rate, bw = chip.peak_flops * chip.matmul_efficiency, chip.hbm_bandwidth
+    scale = flops / max(sum(t * f for t, f, _ in m["ops"]), 1.0)  # unknown loops: matmul ops scaled up
+    compute = sum(t * max(f * scale / rate, b / bw) for t, f, b in m["ops"] if f)
+    compute = max(compute, flops / rate)
+    memory = sum(t * b / bw for t, f, b in m["ops"] if not f)  # ops without a matmul: memory-bound
     comm = {k: v["link_bytes"] / chip.link_bandwidth for k, v in m["collectives"].items()}
     comm_s = sum(comm.values())
-    per_op = sum(t * max(f / chip.peak_flops, b / chip.hbm_bandwidth) for t, f, b in m["ops"])
-    per_op = max(per_op, compute)
-    step, slow = max(compute, memory, comm_s), per_op + comm_s
+    # Weight all-gathers and gradient reduce-scatters run ahead of / behind the layer that needs
+    # them (XLA's async collectives); all-reduces (TP activations, DP gradients) wait.
+    hidden = comm["all-gather"] + comm["reduce-scatter"] if chip.overlaps_collectives else 0.0
+    exposed = comm_s - hidden + max(0.0, hidden - compute)
+    step = compute + memory + exposed
+    # the footnote's range: everything overlapped at full peak (roofline) .. nothing overlapped
+    live = 2 * m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"]
+    fast = max(flops / chip.peak_flops, live / bw, comm_s)
+    slow = sum(t * max(f * scale / chip.peak_flops, b / bw) for t, f, b in m["ops"]) + comm_s
+    slow = max(slow, step)
     per_device = m["model_flops"] / devices
     usable = chip.usable_fraction * chip.hbm_bytes
-    return dict(chip=chip.name, chip_source=chip.source, compute_s=compute, memory_s=memory, comm_s=comm_s,
-                comm_by_kind_s=comm, per_op_s=per_op, step_s=step, step_slow_s=slow,
-                mfu=per_device / (chip.peak_flops * step) if step else 0.0,
-                mfu_slow=per_device / (chip.peak_flops * slow) if slow else 0.0,
+    return dict(chip=chip.name, chip_source=chip.source, efficiency=chip.matmul_efficiency,
+                hardware_flops=flops, compute_s=compute, memory_s=memory, comm_s=comm_s, comm_exposed_s=exposed,
+                comm_by_kind_s=comm, step_s=step, mfu=per_device / (chip.peak_flops * step) if step else 0.0,
                 tokens_per_s_per_chip=tokens / step / devices if step else 0.0,
-                tokens_per_s_per_chip_slow=tokens / slow / devices if slow else 0.0,
+                step_fast_s=fast, step_slow_s=slow, mfu_fast=per_device / (chip.peak_flops * fast) if fast else 0.0,
+                mfu_slow=per_device / (chip.peak_flops * slow) if slow else 0.0,
                 peak_bytes=peak_bytes(m), usable_bytes=usable, fits=peak_bytes(m) <= usable)
 
 

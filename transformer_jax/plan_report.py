@@ -45,27 +45,37 @@ def format_plan(r: dict) -> str:
         f"usable -> {'fits' if p['fits'] else 'DOES NOT FIT'}",
         "",
         f"FLOPs per step: model {_si(m['model_flops'], 'FLOP')} ({_si(m['model_flops'] / n, 'FLOP')} per device); "
-        f"XLA matmuls {_si(m['dot_flops'], 'FLOP')} per device ({m['dot_flops'] * n / max(m['model_flops'], 1):.2f}x model)",
+        f"hardware (XLA's matmuls, loops counted) {_si(p['hardware_flops'], 'FLOP')} per device = "
+        f"{p['hardware_flops'] * n / max(m['model_flops'], 1):.2f}x model"
+        + (f" (remat {mo['remat']}: recomputation included)" if mo["remat"] != "none" else ""),
         "",
-        "collectives per device per step   count     operands   ring link    time ms",
+        "collectives per device per step   count      arrays   textbook    ratio   ring link    time ms",
     ]
+    book = m.get("textbook", {})
     for kind in _KINDS:
         c = m["collectives"][kind]
-        if c["count"]:
-            lines.append(f"  {kind:<28}{c['count']:>9.0f}  {_gib(c['operand_bytes'])}  {_gib(c['link_bytes'])}"
-                         f"  {1e3 * p['comm_by_kind_s'][kind]:9.2f}")
+        want = book.get(kind, 0.0)
+        if c["count"] or want:
+            arrays = c.get("array_bytes", c["operand_bytes"])
+            ratio = f"{arrays / want:7.2f}x" if want else "       -"
+            lines.append(f"  {kind:<28}{c['count']:>9.0f}  {_gib(arrays)} {_gib(want) if want else '         -'}"
+                         f" {ratio}  {_gib(c['link_bytes'])}  {1e3 * p['comm_by_kind_s'][kind]:9.2f}")
     if not any(m["collectives"][k]["count"] for k in _KINDS):
         lines.append("  (none)")
     lines += [
         "",
         f"prediction on {n} x {p['chip']}",
-        f"  compute   {1e3 * p['compute_s']:10.2f} ms   matmul FLOPs / peak (XLA's count: remat included)",
-        f"  memory    {1e3 * p['memory_s']:10.2f} ms   2 x temp + state in and out, once, / HBM bandwidth (a floor)",
-        f"  comm      {1e3 * p['comm_s']:10.2f} ms   ring link bytes / interconnect bandwidth",
-        f"  step      {1e3 * p['step_s']:10.2f} ms   roofline: the largest of the three, the rest overlapped",
-        f"  step      {1e3 * p['step_slow_s']:10.2f} ms   per op max(compute, HBM bytes) with XLA:CPU's fusion, + comm",
-        f"  MFU       {100 * p['mfu_slow']:.1f}% .. {100 * p['mfu']:.1f}%   "
-        f"tokens/s/chip {p['tokens_per_s_per_chip_slow']:,.0f} .. {p['tokens_per_s_per_chip']:,.0f}",
+        f"  compute   {1e3 * p['compute_s']:10.2f} ms   hardware matmul FLOPs at {100 * p['efficiency']:.0f}% of peak "
+        "(per op: or its HBM bytes, if slower)",
+        f"  memory    {1e3 * p['memory_s']:10.2f} ms   ops without a matmul: their HBM bytes / bandwidth",
+        f"  comm      {1e3 * p['comm_exposed_s']:10.2f} ms   collectives not hidden behind compute "
+        f"(of {1e3 * p['comm_s']:.2f} ms: ring link bytes / interconnect bandwidth)",
+        f"  step      {1e3 * p['step_s']:10.2f} ms   = compute + memory + comm",
+        f"  MFU       {100 * p['mfu']:9.1f} %    tokens/s/chip {p['tokens_per_s_per_chip']:,.0f}   [1]",
+        "",
+        f"  [1] bounds: {1e3 * p['step_fast_s']:.2f} ms (everything overlapped at full peak: MFU "
+        f"{100 * p['mfu_fast']:.1f}%) .. {1e3 * p['step_slow_s']:.2f} ms (nothing overlapped, XLA:CPU's fusion: "
+        f"MFU {100 * p['mfu_slow']:.1f}%)",
     ]
     if not p["fits"]:
         lines += ["", f"WARNING: needs {p['peak_bytes'] / GIB:.2f} GiB per device, more than the "

@@ -33,6 +33,11 @@ class Chip:
     link_bandwidth: float  # bytes/s per chip along one mesh axis (see the module docstring)
     usable_fraction: float  # of HBM the runtime leaves to arrays
     source: str
+    # Fraction of peak a training step's matmuls reach (plan's compute time). Accelerators: an
+    # assumption (large bf16 GEMMs on cuBLAS / the MXU run at ~75-90% of peak), not a
+    # measurement; CPU: calibrated against measured steps (CPU_MATMUL_EFFICIENCY).
+    matmul_efficiency: float = 0.8
+    overlaps_collectives: bool = True  # async weight gathers / gradient scatters hide behind compute
 
 
 CHIPS: dict[str, Chip] = {c.name: c for c in (
@@ -97,12 +102,19 @@ def host_memory_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+# The train step's matmuls on XLA:CPU relative to a jitted 1024^3 f32 matmul (plan's CPU
+# calibration: tests/test_plan.py::test_cpu_prediction_matches_measured_steps).
+CPU_MATMUL_EFFICIENCY = 0.7
+
+
 def cpu_chip(devices: int = 1) -> Chip:
-    """This host measured, split over `devices` fake devices (they share its cores and RAM)."""
+    """This host measured, split over `devices` fake devices (they share its cores and RAM;
+    XLA:CPU's collectives are synchronous copies: nothing overlaps)."""
     peak, bw = measured_matmul_peak(), measured_memory_bandwidth()
     return Chip("cpu", peak / devices, host_memory_bytes() / devices, bw / devices, bw / devices, 0.9,
                 f"this host, measured: {peak / 1e9:.0f} GFLOP/s f32 matmul, {bw / 1e9:.1f} GB/s memory, "
-                f"{host_memory_bytes() / GIB:.0f} GiB RAM, shared by {devices} device(s)")
+                f"{host_memory_bytes() / GIB:.0f} GiB RAM, shared by {devices} device(s)",
+                matmul_efficiency=CPU_MATMUL_EFFICIENCY, overlaps_collectives=False)
 
 
 def get_chip(name: str, devices: int = 1) -> Chip:
