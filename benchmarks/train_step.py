@@ -223,69 +223,20 @@ def compile_table():
 # -- presets on 8 fake devices ----------------------------------------------------------------
 
 PRESET_MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "dp_tp": (4, 1, 2), "fsdp_tp": (2, 2, 2)}
-_BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "pred": 1}
-
-
-def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes per collective kind in the compiled (per-device) HLO: all-reduce and reduce-scatter
-    operands, all-gather results. Collectives inside loops count once (run unrolled)."""
-    import re
-    op = re.compile(r"^\s*%\S+ = (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                    r"(?:-start)?\((.*)")
-    shape = re.compile(r"(f32|bf16|s32|u32|pred)\[([\d,]*)\]")
-    out: dict[str, int] = {}
-    for line in hlo.splitlines():
-        m = op.match(line)
-        if not m:
-            continue
-        kind = m.group(2)
-        types = m.group(1)
-        n = _group_size(line) if kind == "reduce-scatter" else 1  # its operand is n x the result
-        size = sum(_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-                   for t, dims in shape.findall(types))
-        out[kind] = out.get(kind, 0) + n * size
-    return out
-
-
-def _group_size(line: str) -> int:
-    """Devices per replica group, from any of XLA's three spellings of replica_groups."""
-    import re
-    if m := re.search(r"replica_groups=\{\{([\d,]+)\}", line):
-        return len(m.group(1).split(","))
-    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]", line):
-        return int(m.group(2))
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):
-        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-        return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2))]))
-    return 1
-
-
-def predicted(preset: str, params_bytes: int, mesh_shape) -> str:
-    """The textbook traffic per step ("How to Scale Your Model", training chapter)."""
-    d, f, t = mesh_shape
-    act = B * L * 512 * 4  # one [batch, length, embed] f32 activation, whole
-    layers = 6
-    parts = []
-    if d * f > 1:
-        parts.append(f"grads all-reduce {params_bytes / 2**20:.0f} MiB" if f == 1 else
-                     f"weights all-gather x2 + grads reduce-scatter ~3 x {params_bytes / 2**20:.0f} MiB")
-    if t > 1:
-        parts.append(f"activations all-reduce 4/layer x {layers} x {act / (d * f) / 2**20:.0f} MiB")
-    return "; ".join(parts)
-
-
 def presets():
     if jax.device_count() < 8:
         sys.exit("presets needs --devices 8")
-    section("presets on 8 fake CPU devices (bench model, f32, layers unrolled so HLO counts are per step)")
+    from transformer_jax.collectives import compare, measured_bytes
+    from transformer_jax.hlo_analysis import analyze_hlo
+    section("presets on 8 fake CPU devices (bench model, f32; collective MiB per device per step, "
+            "loop trip counts applied: measured / textbook)")
     print("| preset | mesh | compile s | step s | vs 1 device | per-device MiB (args+temp) | "
-          "HLO collective MiB | textbook |")
-    print("|---|---|---|---|---|---|---|---|")
+          "all-gather | reduce-scatter | all-reduce |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = one_device_setup(scan_layers=False)
     base.compiled_train_step(BATCH)
     t1, _ = run_steps(base, args.steps)
-    params_bytes = 4 * base.param_count
-    print(f"| one device | 1 | - | {t1:.2f} | 1.00 | - | - | - |", flush=True)
+    print(f"| one device | 1 | - | {t1:.2f} | 1.00 | - | - | - | - |", flush=True)
     for preset, shape in PRESET_MESHES.items():
         mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2], preset=preset))
         setup = one_device_setup(mesh=mesh, preset=preset, scan_layers=False)
@@ -295,11 +246,13 @@ def presets():
         mem = compiled.memory_analysis()
         per_dev = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                    - mem.alias_size_in_bytes) / 2**20
-        coll = collective_bytes(compiled.as_text())
-        coll_s = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(coll.items()))
+        rows = {k: (got, want) for k, got, want, _ in
+                compare(setup, BATCH, measured_bytes(analyze_hlo(compiled.as_text(), 8)))}
+        cells = " | ".join(f"{rows[k][0] / 2**20:.0f} / {rows[k][1] / 2**20:.0f}" if k in rows else "-"
+                           for k in ("all-gather", "reduce-scatter", "all-reduce"))
         med, _ = run_steps(setup, args.steps)
-        print(f"| {preset} | {shape} | {compile_s:.0f} | {med:.2f} | {med / t1:.2f} | {per_dev:.0f} | {coll_s} | "
-              f"{predicted(preset, params_bytes, shape)} |", flush=True)
+        print(f"| {preset} | {shape} | {compile_s:.0f} | {med:.2f} | {med / t1:.2f} | {per_dev:.0f} | {cells} |",
+              flush=True)
 
 
 # -- plain Flax linen, as the Flax docs write it (same model, same machine) --------------------

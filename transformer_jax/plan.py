@@ -102,6 +102,7 @@ def _compile_once(cfg, devices: int) -> dict:
     import jax
     from transformer_jax.collectives import textbook_bytes
     from transformer_jax.hlo_analysis import analyze_hlo
+    from transformer_jax.train.flops import remat_flops
     from transformer_jax.parallel import check_batch, get_rules, make_mesh
     from transformer_jax.train import make_train_setup
 
@@ -128,6 +129,7 @@ def _compile_once(cfg, devices: int) -> dict:
         argument_bytes=float(mem.argument_size_in_bytes), output_bytes=float(mem.output_size_in_bytes),
         alias_bytes=float(mem.alias_size_in_bytes), temp_bytes=float(mem.temp_size_in_bytes),
         model_flops=float(setup.flops_per_step(batch)), dot_flops=hlo.dot_flops, hbm_bytes=hlo.hbm_bytes,
+        remat_flops=remat_flops(cfg.model, cfg.task.task, batch),
         ops=_compact_ops(hlo.ops), unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
         collectives={k: dataclasses.asdict(v) for k, v in hlo.collectives.items()},
         textbook=textbook_bytes(setup, batch),
@@ -169,6 +171,7 @@ def measure(cfg, devices: int, layers: int | None = None) -> dict:
     out["textbook"] = {k: lin(a["textbook"][k], b["textbook"][k]) for k in a["textbook"]}
     out["ops"] = [[t * x, f, by] for t, f, by in b["ops"]] + [[t * (1 - x), f, by] for t, f, by in a["ops"]]
     out["model_flops"] = float(exact["model_flops"])
+    out["remat_flops"] = float(exact["remat_flops"])
     out["compiled_layers"] = [layers, k2]
     return out
 
@@ -177,6 +180,7 @@ def _compile_once_state_only(cfg, devices: int) -> dict:
     import jax
     from transformer_jax.parallel import get_rules, make_mesh
     from transformer_jax.train import make_train_setup
+    from transformer_jax.train.flops import remat_flops
     mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
     setup = make_train_setup(cfg.model, cfg.optimizer, cfg.task, mesh, get_rules(cfg.mesh.preset),
                              total_steps=cfg.train.steps, seed=cfg.train.seed)
@@ -184,7 +188,8 @@ def _compile_once_state_only(cfg, devices: int) -> dict:
                                  for x in jax.tree.leaves(t)))
     s = setup.abstract_state
     return dict(params=setup.param_count, param_bytes=nbytes(s.params), opt_bytes=nbytes(s.opt_state),
-                other_state_bytes=nbytes([s.step, s.rng]), model_flops=float(setup.flops_per_step(abstract_batch(cfg))))
+                other_state_bytes=nbytes([s.step, s.rng]), model_flops=float(setup.flops_per_step(abstract_batch(cfg))),
+                remat_flops=remat_flops(cfg.model, cfg.task.task, abstract_batch(cfg)))
 
 
 # -- predicting ------------------------------------------------------------------------------
@@ -196,9 +201,10 @@ def peak_bytes(m: dict) -> float:
 
 def predict(m: dict, chip, devices: int, tokens: int) -> dict:
     """Step time, MFU and fit of measurement `m` on `chip` (a hardware.Chip); see the module docstring."""
-    # hardware matmul FLOPs: XLA's count with loop trip counts, remat's recomputation included
-    # (loops of unknown length count once: never below the model's own count)
-    flops = max(m["dot_flops"], m["model_flops"] / devices)
+    # hardware matmul FLOPs: XLA's count with loop trip counts, remat's recomputation included;
+    # never below model + remat FLOPs (train/flops.py), which loops of unknown length (counted
+    # once) can take XLA's count under
+    flops = max(m["dot_flops"], (m["model_flops"] + m.get("remat_flops", 0.0)) / devices)
     rate, bw = chip.peak_flops * chip.matmul_efficiency, chip.hbm_bandwidth
     scale = flops / max(sum(t * f for t, f, _ in m["ops"]), 1.0)  # unknown loops: matmul ops scaled up
     compute = sum(t * max(f * scale / rate, b / bw) for t, f, b in m["ops"] if f)

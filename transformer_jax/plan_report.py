@@ -44,10 +44,11 @@ def format_plan(r: dict) -> str:
         f"  peak: arguments + outputs - donated + temp {_gib(p['peak_bytes'])}   of {p['usable_bytes'] / GIB:.2f} GiB "
         f"usable -> {'fits' if p['fits'] else 'DOES NOT FIT'}",
         "",
-        f"FLOPs per step: model {_si(m['model_flops'], 'FLOP')} ({_si(m['model_flops'] / n, 'FLOP')} per device); "
-        f"hardware (XLA's matmuls, loops counted) {_si(p['hardware_flops'], 'FLOP')} per device = "
-        f"{p['hardware_flops'] * n / max(m['model_flops'], 1):.2f}x model"
-        + (f" (remat {mo['remat']}: recomputation included)" if mo["remat"] != "none" else ""),
+        f"FLOPs per device per step: model {_si(m['model_flops'] / n, 'FLOP')}"
+        + (f" + remat {mo['remat']} recomputation {_si(m.get('remat_flops', 0.0) / n, 'FLOP')}"
+           if m.get("remat_flops") else "")
+        + f"; hardware {_si(p['hardware_flops'], 'FLOP')} = {p['hardware_flops'] * n / max(m['model_flops'], 1):.2f}x "
+        f"model (XLA's matmuls, loops counted: {_si(m['dot_flops'], 'FLOP')})",
         "",
         "collectives per device per step   count      arrays   textbook    ratio   ring link    time ms",
     ]

@@ -36,6 +36,25 @@ def _shape(x: Any) -> tuple[int, ...]:
 def train_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> float:
     """Training FLOPs of one step on `batch` (arrays, ShapeDtypeStructs or shape tuples
     under the data pipeline's keys: inputs [B, L], decoder_inputs [B, T] for span/seq2seq)."""
+    return 6.0 * sum(_macs(cfg, task, batch))
+
+
+def remat_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> float:
+    """The matmul FLOPs `cfg.remat` adds on top of `train_flops` (hardware work, not model work).
+
+    "full" runs each layer's forward again in the backward pass, less the two matmuls whose
+    outputs the backward never reads (the attention output and MLP down projections: XLA drops
+    them), "dots_no_batch" the attention's QK^T and AV (no weights), "dots" and "none" no matmul."""
+    weights, scores, _ = _macs(cfg, task, batch)
+    if cfg.remat == "full":
+        layer = sum(attention_params(cfg)) + mlp_params(cfg)
+        dropped = cfg.d_model * cfg.num_heads * cfg.dim_per_head + cfg.d_model * cfg.d_ff
+        return 2.0 * (weights * (layer - dropped) / layer + scores)
+    return 2.0 * scores if cfg.remat == "dots_no_batch" else 0.0
+
+
+def _macs(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> tuple[float, float, float]:
+    """Forward multiply-accumulates: (layer weights, attention scores and values, heads)."""
     b, l = _shape(batch["inputs"])
     d, v, hd, h = cfg.d_model, cfg.vocab_size, cfg.dim_per_head, cfg.num_heads
     qo, kv = attention_params(cfg)
@@ -46,19 +65,17 @@ def train_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> float:
 
     if task in ("span", "seq2seq"):
         t = _shape(batch["decoder_inputs"])[1]
-        macs = cfg.num_layers * (b * l * layer + b * scores(l, l))  # encoder
-        # decoder: self-attention + MLP and cross-attention q/o on targets, cross k/v on the inputs
-        macs += cfg.decoder_layers * (b * t * (layer + qo) + b * l * kv + b * (scores(t, t) + scores(t, l)))
-        macs += b * t * d * v  # unembedding
-        return 6.0 * macs
+        # encoder; decoder: self-attention + MLP and cross-attention q/o on targets, cross k/v on the inputs
+        weights = cfg.num_layers * b * l * layer + cfg.decoder_layers * (b * t * (layer + qo) + b * l * kv)
+        attn = cfg.num_layers * b * scores(l, l) + cfg.decoder_layers * b * (scores(t, t) + scores(t, l))
+        return weights, attn, b * t * d * v  # + unembedding
     if task not in ("lm", "mlm", "classify"):
         raise ValueError(f"task={task!r} is unknown; choose lm, mlm, span, seq2seq or classify")
-    macs = b * l * cfg.num_layers * layer + b * cfg.num_layers * scores(l, l)
+    weights, attn = b * l * cfg.num_layers * layer, b * cfg.num_layers * scores(l, l)
     if task == "lm":
-        macs += b * l * d * v
+        head = b * l * d * v
     elif task == "mlm":
-        macs += b * l * (d * d + d * v)  # transform + unembedding, every position
+        head = b * l * (d * d + d * v)  # transform + unembedding, every position
     else:
-        macs += b * (d * d + d * cfg.num_classes)  # pooler + classifier, first token
-    return 6.0 * macs
-
+        head = b * (d * d + d * cfg.num_classes)  # pooler + classifier, first token
+    return weights, attn, head
