@@ -59,6 +59,9 @@ class LearnedPositions(nn.Module):
     def __call__(self, positions_BL: jax.Array) -> jax.Array:
         table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
                            (self.max_len, self.features), self.param_dtype)
+        # Whole along embed before the gather, as Embed does: a gather from a table split over
+        # fsdp into rows split over (data, fsdp) is an "involuntary full rematerialization".
+        table = nn.with_logical_constraint(table, (None, None))
         return jnp.take(table, positions_BL, axis=0).astype(self.dtype)
 
 

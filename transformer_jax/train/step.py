@@ -162,17 +162,14 @@ class TrainSetup:
         psum per step: the textbook single all-reduce of the gradients. Left to GSPMD, the
         partial sums are reduced inside every loop (per microbatch, per loss chunk) and the tied
         embedding's two uses separately. With dropout on, masks are drawn for the global batch
-        shape (the same on any mesh), so that path stays with GSPMD; so does a mesh with data,
-        fsdp and tensor all > 1, whose partially manual program crashes XLA's SPMD partitioner
-        (jax 0.10.2: "Check failed: partition_group_list.num_replica_groups() ...")."""
+        shape (the same on any mesh), so that path stays with GSPMD."""
         k = self.optim_cfg.grad_accum_steps
         rows = next(iter(batch.values())).shape[0]
         n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if k > 1 and rows % (k * n):
             raise ConfigError(f"global batch {rows} is not divisible by optim.grad_accum_steps={k} x data*fsdp={n}; "
                               f"use a multiple of {k * n}")
-        d, f, t = (self.mesh.shape[a] for a in ("data", "fsdp", "tensor"))
-        if d == 1 or key is not None or (f > 1 and t > 1):
+        if self.mesh.shape["data"] == 1 or key is not None:
             return self._local_grads(params, batch, key, self.rules)
         rules = tuple((name, _without(axes, "data")) for name, axes in self.rules)
 
