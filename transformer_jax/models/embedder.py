@@ -50,7 +50,8 @@ class Embedder(nn.Module):
             x_BLD = x_BLD + sinusoidal_positions(positions_BL, cfg.d_model).astype(x_BLD.dtype)
         if cfg.type_vocab_size:
             types = jnp.zeros_like(tokens_BL) if token_types_BL is None else token_types_BL
-            x_BLD = x_BLD + jnp.take(self.token_type, types, axis=0).astype(x_BLD.dtype)
+            table = nn.with_logical_constraint(self.token_type, (None, None))  # whole along embed, as Embed's
+            x_BLD = x_BLD + jnp.take(table, types, axis=0).astype(x_BLD.dtype)
         if cfg.embed_norm:
             x_BLD = self.norm(x_BLD)
         x_BLD = self.dropout(x_BLD, deterministic=deterministic)
