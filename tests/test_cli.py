@@ -19,6 +19,8 @@ CASES = [
     (["--set", "model.scan_layers=maybe"], "model.scan_layers='maybe' must be true or false"),
     (["--set", "data.task=mlm"], "data.task='mlm' and task.task='lm' disagree"),
     (["--set", "data.task=mlm", "--set", "task.task=mlm"], "task 'mlm' needs model.family='encoder'"),
+    (["--config", "bert_mlm", "--set", "data.mask_rate=0.3"],
+     "task.mlm_predict_fraction=0.25 is below data.mask_rate=0.3"),
     (["--set", "data.vocab_size=1000"], "DataConfig.vocab_size=1000 must be a multiple of 128"),
     (["--set", "data.source=nosuchsource"], "nosuchsource"),
     (["--set", "optimizer.learning_rate=-1"], "learning_rate=-1.0 must be >= 0"),
