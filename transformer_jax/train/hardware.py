@@ -35,7 +35,7 @@ class Chip:
     source: str
     # Fraction of peak a training step's matmuls reach (plan's compute time). Accelerators: an
     # assumption (large bf16 GEMMs on cuBLAS / the MXU run at ~75-90% of peak), not a
-    # measurement; CPU: calibrated against measured steps (CPU_MATMUL_EFFICIENCY).
+    # measurement; CPU: CPU_MATMUL_EFFICIENCY.
     matmul_efficiency: float = 0.8
     overlaps_collectives: bool = True  # async weight gathers / gradient scatters hide behind compute
 
@@ -102,8 +102,9 @@ def host_memory_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-# The train step's matmuls on XLA:CPU relative to a jitted 1024^3 f32 matmul (plan's CPU
-# calibration: tests/test_plan.py::test_cpu_prediction_matches_measured_steps).
+# The train step's matmuls on XLA:CPU relative to a jitted 1024^3 f32 matmul. Not yet
+# calibrated on a quiet host: on a heavily loaded 2-core host plan predicted 1.18-1.40x the
+# measured step of 3 small decoder configs.
 CPU_MATMUL_EFFICIENCY = 0.7
 
 
