@@ -69,9 +69,11 @@ import time
 ARGS = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ARGS.add_argument("--preset", default="bench", help="a GPT-2-style model preset (models/config.py)")
 ARGS.add_argument("--new-tokens", type=int, default=256)
-ARGS.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+ARGS.add_argument("--batch", default="1,8,32", help="comma list of batch sizes")
 ARGS.add_argument("--prompt-len", type=int, default=32)
-ARGS.add_argument("--repeats", type=int, default=2, help="timed calls after the first; steady s is the best")
+ARGS.add_argument("--repeats", type=int, default=3, help="timed calls after the first; the median is reported")
+ARGS.add_argument("--fill-batch", type=int, default=8,
+                  help="batch of the cache-fill table (ms/step over a 32- and a 288-slot cache; 0 = skip)")
 ARGS.add_argument("--no-cache-tokens", type=int, default=None,
                   help="new tokens for the no-cache rows (default: --new-tokens); shortens slow runs")
 ARGS.add_argument("--skip-hf", action="store_true", help="JAX rows only")
@@ -80,6 +82,7 @@ ARGS.add_argument("--quick", action="store_true",
 args = ARGS.parse_args()
 if args.quick:
     args.preset, args.new_tokens, args.batch, args.prompt_len, args.repeats = "gpt2-tiny", 16, "1,2", 8, 1
+    args.fill_batch = 0
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -96,17 +99,22 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def timed(fn, repeats: int):
-    """(first-call s, (wall s, CPU s) of the fastest of `repeats` further calls, the last result);
-    fn must block."""
-    t = time.perf_counter()
-    out = fn()
-    first, best = time.perf_counter() - t, (float("inf"), 0.0)
+def run_interleaved(runners: dict, repeats: int) -> dict:
+    """{name: (first-call s, median wall s, median CPU s, last result)}. Each runner is called
+    once (compile / warm-up), then `repeats` rounds call every runner in turn, so a change in
+    the machine's load hits ours and HF's alike. Runners must block."""
+    first, walls, cpus, out = {}, {k: [] for k in runners}, {k: [] for k in runners}, {}
+    for name, fn in runners.items():
+        t = time.perf_counter()
+        out[name] = fn()
+        first[name] = time.perf_counter() - t
     for _ in range(repeats):
-        t, c = time.perf_counter(), _cpu_s()
-        out = fn()
-        best = min(best, (time.perf_counter() - t, _cpu_s() - c))
-    return first, best, out
+        for name, fn in runners.items():
+            t, c = time.perf_counter(), _cpu_s()
+            out[name] = fn()
+            walls[name].append(time.perf_counter() - t)
+            cpus[name].append(_cpu_s() - c)
+    return {k: (first[k], float(np.median(walls[k])), float(np.median(cpus[k])), out[k]) for k in runners}
 
 
 # -- JAX ------------------------------------------------------------------------------------
@@ -135,21 +143,14 @@ def greedy_no_cache(model, params, prompt_BP, *, new_tokens: int):
     return jax.lax.fori_loop(0, new_tokens, step, buf_BT)[:, p:]
 
 
-def jax_rows(model, params, prompts, new_tokens, no_cache_tokens):
-    rows, tokens = [], {}
-    first, best, out = timed(lambda: decode.generate(model, params, prompts.tolist(), max_new_tokens=new_tokens),
-                             args.repeats)
-    assert (out.lengths == new_tokens).all()
-    rows.append(("jax", "yes", new_tokens, first, best))
-    tokens["jax cache"] = out.tokens
-    _, (setup_s, _), _ = timed(lambda: jax.block_until_ready(
-        decode.init_cache(model, len(prompts), prompts.shape[1] + new_tokens)), 2)
-    prompt = jnp.asarray(prompts)
-    first, best, out = timed(
-        lambda: np.asarray(greedy_no_cache(model, params, prompt, new_tokens=no_cache_tokens)), args.repeats)
-    rows.append(("jax", "no", no_cache_tokens, first, best))
-    tokens["jax no cache"] = out
-    return rows, tokens, setup_s
+def jax_runners(model, params, prompts, new_tokens, no_cache_tokens) -> dict:
+    prompt_list, prompt = prompts.tolist(), jnp.asarray(prompts)
+    return {
+        ("jax", "yes", new_tokens): lambda: decode.generate(model, params, prompt_list,
+                                                            max_new_tokens=new_tokens).tokens,
+        ("jax", "no", no_cache_tokens): lambda: np.asarray(
+            greedy_no_cache(model, params, prompt, new_tokens=no_cache_tokens)),
+    }
 
 
 # -- Hugging Face -----------------------------------------------------------------------------
@@ -168,23 +169,39 @@ def hf_model(cfg, params, directory):
     return model
 
 
-def hf_rows(model, prompts, new_tokens, no_cache_tokens):
+def hf_runners(model, prompts, new_tokens, no_cache_tokens) -> dict:
     import torch
     from transformers import GenerationConfig
-    rows, tokens = [], {}
     ids = torch.as_tensor(prompts, dtype=torch.long)
-    for cache, n in (("yes", new_tokens), ("no", no_cache_tokens)):
-        gen = GenerationConfig(do_sample=False, max_new_tokens=n, use_cache=cache == "yes", pad_token_id=0,
+
+    def runner(cache, n):
+        gen = GenerationConfig(do_sample=False, max_new_tokens=n, use_cache=cache, pad_token_id=0,
                                eos_token_id=None, bos_token_id=None)
 
         def run():
             with torch.inference_mode():
-                return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen).numpy()
-        first, best, out = timed(run, args.repeats)
-        assert out.shape == (len(prompts), prompts.shape[1] + n), out.shape
-        rows.append(("hf", cache, n, first, best))
-        tokens[f"hf {'cache' if cache == 'yes' else 'no cache'}"] = out[:, prompts.shape[1]:]
-    return rows, tokens
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen).numpy()
+            assert out.shape == (len(prompts), prompts.shape[1] + n), out.shape
+            return out[:, prompts.shape[1]:]
+        return run
+    return {("hf", "yes", new_tokens): runner(True, new_tokens), ("hf", "no", no_cache_tokens): runner(False, no_cache_tokens)}
+
+
+def fill_rows(model, params, hf, b):
+    """ms per decode step at batch `b` over a 32-slot and a 288-slot cache (prompt 16 + 16 or
+    272 new tokens): (t(new) - t(1 new)) / (new - 1), taking out the prefill."""
+    prompts = np.random.default_rng(b).integers(1, model.config.vocab_size, (b, 16)).astype(np.int32)
+    runners = {}
+    for n in (1, 16, 272):
+        runners[("jax", n)] = functools.partial(decode.generate, model, params, prompts.tolist(), max_new_tokens=n)
+        if hf is not None:
+            runners[("hf", n)] = hf_runners(hf, prompts, n, n)[("hf", "yes", n)]
+    res = run_interleaved(runners, args.repeats)
+    rows = []
+    for impl in ("jax", "hf") if hf is not None else ("jax",):
+        base = res[(impl, 1)][1]
+        rows.append((impl, [1e3 * (res[(impl, n)][1] - base) / (n - 1) for n in (16, 272)]))
+    return rows
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -236,21 +253,21 @@ def main():
           f"mlp {cfg.d_ff}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params, {cfg.dtype}), greedy, "
           f"prompt {args.prompt_len}")
     print(f"# {machine_info()}\n", flush=True)
-    print("| impl | cache | batch | prompt | new tokens | first s | steady s | CPU s | ms/step | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| impl | cache | batch | prompt | new tokens | first s | median s | CPU s | ms/step | tokens/s | x hf |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     notes = []
     for b in [int(x) for x in args.batch.split(",")]:
         prompts = np.random.default_rng(b).integers(1, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
-        rows, tokens, setup_s = jax_rows(model, params, prompts, args.new_tokens, no_cache_tokens)
-        notes.append(f"batch {b}: of each jax generate() call, {setup_s:.3f} s is decode.init_cache "
-                     "(host-side eval_shape of model.init)")
+        runners = jax_runners(model, params, prompts, args.new_tokens, no_cache_tokens)
         if hf is not None:
-            more, hf_tokens = hf_rows(hf, prompts, args.new_tokens, no_cache_tokens)
-            rows += more
-            tokens.update(hf_tokens)
-        for impl, cache, n, first, (best, cpu) in rows:
-            print(f"| {impl} | {cache} | {b} | {args.prompt_len} | {n} | {first:.2f} | {best:.2f} | {cpu:.2f} | "
-                  f"{1e3 * best / n:.1f} | {b * n / best:,.0f} |", flush=True)
+            runners.update(hf_runners(hf, prompts, args.new_tokens, no_cache_tokens))
+        res = run_interleaved(runners, args.repeats)
+        for (impl, cache, n), (first, wall, cpu, _) in res.items():
+            hf_wall = res.get(("hf", cache, n), (0, 0))[1]
+            ratio = f"{hf_wall / wall:.2f}" if hf_wall else ""
+            print(f"| {impl} | {cache} | {b} | {args.prompt_len} | {n} | {first:.2f} | {wall:.2f} | {cpu:.2f} | "
+                  f"{1e3 * wall / n:.1f} | {b * n / wall:,.0f} | {ratio} |", flush=True)
+        tokens = {f"{impl} {'cache' if cache == 'yes' else 'no cache'}": r[3] for (impl, cache, _), r in res.items()}
         ref = tokens["jax cache"]
         same = agreement(ref, tokens["jax no cache"])
         assert same.startswith("equal"), f"batch {b}: jax greedy with and without the cache disagree: {same}"
@@ -258,6 +275,12 @@ def main():
         for name in ("hf cache", "hf no cache"):
             if name in tokens:
                 notes.append(f"batch {b}: jax cache vs {name}: {agreement(ref, tokens[name])}")
+    if args.fill_batch:
+        fb = args.fill_batch
+        print(f"\n| impl | batch | ms/step, 32-slot cache | ms/step, 288-slot cache | ratio |")
+        print("|---|---|---|---|---|")
+        for impl, (short, long) in fill_rows(model, params, hf, fb):
+            print(f"| {impl} | {fb} | {short:.1f} | {long:.1f} | {long / short:.2f} |", flush=True)
     print("\n" + "\n".join(notes))
     print(f"# load average at the end {os.getloadavg()[0]:.1f}")
 

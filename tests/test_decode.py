@@ -135,8 +135,7 @@ def test_decoding_on_a_mesh_equals_one_device(lm):
         sharded = jax.device_put(params, logical_shardings(abstract, mesh, rules))
         got = decode.generate(model, sharded, prompts, max_new_tokens=6, temperature=0.7, seed=3)
         tokens, seg, pos, lengths = decode.left_pad(prompts)
-        cache = decode.init_cache(model, 4, tokens.shape[1] + 6)
-        hlo = decode._generate.lower(model, sharded, cache, tokens, seg, pos, jnp.asarray(lengths), jax.random.key(3),
+        hlo = decode._generate.lower(decode.decoding_model(model), sharded, tokens, seg, pos, jnp.asarray(lengths), jax.random.key(3),
                                      None, None, max_new_tokens=6, temperature=0.7, top_k=0, top_p=1.0, eos_id=None,
                                      pad_id=0).compile().as_text()
     assert any(s.spec and "tensor" in str(s.spec) for s in jax.tree.leaves(jax.tree.map(lambda a: a.sharding, sharded)))
