@@ -2,7 +2,7 @@
 2048, vocab 32768, learned positions), with and without the KV cache, next to Hugging Face
 `generate` on the same model as a PyTorch `GPT2LMHeadModel`, in the same process.
 
-    .venv/bin/python benchmarks/decode.py                  # 256 new tokens, batch 1 and 8, prompt 32
+    .venv/bin/python benchmarks/decode.py                  # 256 new tokens, batch 1, 8 and 32, prompt 32
     .venv/bin/python benchmarks/decode.py --quick          # smoke run: gpt2-tiny, 16 tokens, seconds
     .venv/bin/python benchmarks/decode.py --batch 8 --no-cache-tokens 64   # shorter no-cache rows
 
@@ -22,10 +22,17 @@ Rows:
   `torch.inference_mode()`, `torch.set_num_threads(<cores>)`; without the cache HF reruns the
   growing sequence, so its mean step is shorter than the jax no-cache step.
 
-"first s" is the first call (JAX: trace + compile + run; HF: warm-up), "steady s" the best of
-`--repeats` further calls, "CPU s" the user + system CPU seconds of that call over all threads
-(at most cores x steady s), ms/step = steady s / new tokens (a step = one token in every row),
-tokens/s = batch x new tokens / steady s. The script asserts that JAX's greedy tokens with and
+"first s" is the first call (JAX: trace + compile + run; HF: warm-up), then `--repeats` rounds
+call every row of a batch size in turn (ours and HF's interleaved, so load changes hit both);
+"median s" is the median of those calls, "CPU s" the median user + system CPU seconds of a call
+over all threads (at most cores x median s), ms/step = median s / new tokens (a step = one
+token in every row), tokens/s = batch x new tokens / median s, "x hf" = HF's median s / ours
+for the same cache setting (> 1: ours is faster).
+
+The second table (`--fill-batch`, default 8) is the per-step time with a short and a long
+cache: prompts of 16 and of 272 tokens, each followed by 16 new tokens (a 32- and a 288-slot
+cache), ms/step = (t(16 new) - t(1 new)) / 15 with the same interleaved medians; a KV cache
+updated in place keeps the two close. The script asserts that JAX's greedy tokens with and
 without the cache are equal and prints how far HF's tokens agree with them (same weights,
 different kernels: a near-tie can flip one argmax and the rest follows).
 

@@ -165,3 +165,16 @@ def test_generate_compiles_once_and_updates_the_cache_in_place(lm):
              if (m := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) (\w+)\(", line)) and m[2].startswith(cache)
              and ("transpose" in m[1] or m[3] in ("copy", "transpose"))]
     assert not moves, moves[:3]
+
+
+def test_bf16_decoding_runs_batched_and_starts_with_the_forward_argmax():
+    """bf16 params and compute at batch 2 (XLA:CPU cannot run a batched bf16 x bf16 -> f32
+    dot; the `xla` kernel computes in f32 there)."""
+    cfg = get_config("llama-tiny", dtype="bfloat16", param_dtype="bfloat16")
+    model = build_model(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    out = decode.generate(model, params, prompts, max_new_tokens=4)
+    assert out.tokens.shape == (2, 4) and (out.lengths == 4).all()
+    first = jnp.argmax(model.apply({"params": params}, jnp.asarray(prompts))[:, -1], -1)
+    np.testing.assert_array_equal(out.tokens[:, 0], np.asarray(first))

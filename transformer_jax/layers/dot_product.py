@@ -200,8 +200,11 @@ def make_mask(lq, lk, *, causal, q_offset, q_segment_ids, kv_segment_ids, mask):
 
 def _xla(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     """The einsum reference: materialises the [B, H, Lq, Lk] scores."""
+    dtype = q.dtype
     b, lq, h, d = q.shape
     kh = k.shape[2]
+    if _backend() == "cpu" and q.dtype != F32:  # XLA:CPU's DotThunk has no bf16 x bf16 -> f32 (jax 0.10.2),
+        q, k, v = (x.astype(F32) for x in (q, k, v))  # which a batched decode step over the KV cache hits
     qg = q.reshape(b, lq, kh, h // kh, d)  # [B, Lq, K, G, D]
     s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
     s = s.reshape(b, h, lq, k.shape[1])
@@ -214,7 +217,7 @@ def _xla(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     p = p.reshape(b, kh, h // kh, lq, k.shape[1])
     o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
-    return o.reshape(b, lq, h, d).astype(q.dtype)
+    return o.reshape(b, lq, h, d).astype(dtype)
 
 
 def _splash(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
