@@ -89,14 +89,14 @@ def test_fewer_kv_heads_than_the_tensor_axis_are_repeated_on_a_mesh(kv_heads):
             {"params": params}, x, causal=True), want, atol=1e-5)
         cache = jax.jit(m.init)(jax.random.key(0), jnp.zeros((2, 12, 16)))["cache"]
         copies = np.lcm(kv_heads, 4)
-        chex.assert_shape(cache["cached_key"], (2, 12, copies, 8))
+        chex.assert_shape(cache["cached_key"], (2, copies, 12, 8))  # [batch, kv_heads, length, head_dim]
         step = jax.jit(lambda c, x: m.apply({"params": params, "cache": c}, x, mutable=["cache"]))
         outs = []
         for lo, hi in [(0, 4), (4, 5), (5, 9)]:
             y, mut = step(cache, x[:, lo:hi])
             cache = mut["cache"]
             outs.append(y)
-    assert cache["cached_key"].addressable_shards[0].data.shape == (1, 12, copies // 4, 8)  # rows on data, heads on tensor
+    assert cache["cached_key"].addressable_shards[0].data.shape == (1, copies // 4, 12, 8)  # rows on data, heads on tensor
     chex.assert_trees_all_close(jnp.concatenate(outs, 1), want, atol=1e-5)
 
 

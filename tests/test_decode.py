@@ -1,5 +1,7 @@
 """Decoding: greedy equals repeated full forwards, sampling is seeded, filters never leak,
 batched prompts decode like each alone, beam search with one beam is greedy."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,11 +137,44 @@ def test_decoding_on_a_mesh_equals_one_device(lm):
         sharded = jax.device_put(params, logical_shardings(abstract, mesh, rules))
         got = decode.generate(model, sharded, prompts, max_new_tokens=6, temperature=0.7, seed=3)
         tokens, seg, pos, lengths = decode.left_pad(prompts)
-        cache = decode.init_cache(model, 4, tokens.shape[1] + 6)
-        hlo = decode._generate.lower(model, sharded, cache, tokens, seg, pos, jnp.asarray(lengths), jax.random.key(3),
+        hlo = decode._generate.lower(decode.decoding_model(model), sharded, tokens, seg, pos, jnp.asarray(lengths), jax.random.key(3),
                                      None, None, max_new_tokens=6, temperature=0.7, top_k=0, top_p=1.0, eos_id=None,
                                      pad_id=0).compile().as_text()
     assert any(s.spec and "tensor" in str(s.spec) for s in jax.tree.leaves(jax.tree.map(lambda a: a.sharding, sharded)))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.lengths, want.lengths)
     assert "all-reduce" in hlo
+
+
+def test_generate_compiles_once_and_updates_the_cache_in_place(lm):
+    """A second call of the same shapes reuses the compiled loop (no host trace), and the
+    compiled loop neither copies nor transposes a layer's whole KV cache [B, K, S, D]: each
+    step writes its token's keys/values into the carried buffer."""
+    model, params = lm
+    decode.generate(model, params, [[5, 6, 7], [8, 9]], max_new_tokens=34)
+    compiled = decode._generate._cache_size()
+    decode.generate(model, params, [[1, 2, 3], [4]], max_new_tokens=34)
+    assert decode._generate._cache_size() == compiled
+    tokens, seg, pos, lengths = decode.left_pad([[5, 6, 7], [8, 9]])
+    hlo = decode._generate.lower(decode.decoding_model(model), params, tokens, seg, pos, jnp.asarray(lengths),
+                                 jax.random.key(0), None, None, max_new_tokens=34, temperature=0.0, top_k=0, top_p=1.0,
+                                 eos_id=None, pad_id=0).compile().as_text()
+    cache = "f32[2,2,37,8]"  # batch 2, 2 kv heads, 3 + 34 slots, head_dim 8
+    assert "dynamic-update-slice" in hlo and cache in hlo
+    moves = [line for line in hlo.splitlines()
+             if (m := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) (\w+)\(", line)) and m[2].startswith(cache)
+             and ("transpose" in m[1] or m[3] in ("copy", "transpose"))]
+    assert not moves, moves[:3]
+
+
+def test_bf16_decoding_runs_batched_and_starts_with_the_forward_argmax():
+    """bf16 params and compute at batch 2 (XLA:CPU cannot run a batched bf16 x bf16 -> f32
+    dot; the `xla` kernel computes in f32 there)."""
+    cfg = get_config("llama-tiny", dtype="bfloat16", param_dtype="bfloat16")
+    model = build_model(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    out = decode.generate(model, params, prompts, max_new_tokens=4)
+    assert out.tokens.shape == (2, 4) and (out.lengths == 4).all()
+    first = jnp.argmax(model.apply({"params": params}, jnp.asarray(prompts))[:, -1], -1)
+    np.testing.assert_array_equal(out.tokens[:, 0], np.asarray(first))

@@ -10,6 +10,14 @@ no row attends to it, and positions restart at each row's first real token, so a
 exactly as it would alone. One jitted prefill runs the prompts; a `lax.while_loop` then
 decodes a token per iteration until every row hit EOS or `max_new_tokens`.
 
+Decoding runs the layers unrolled (`decoding_model`): a model trained with `nn.scan` over
+layers has its stacked params sliced per layer inside the jitted call. Scanned, every layer's
+KV cache would be a slice of the scan's xs/ys and each step would copy the whole stacked cache;
+unrolled, each layer's cache is its own buffer in the loop carry, updated in place by a
+`dynamic_update_slice`, so a step costs the same whatever the cache length. The cache is
+created inside the jitted call; the compiled program is reused by every call with the same
+model, batch, prompt length and settings.
+
 On a mesh, decode inside the mesh and logical rules with the params placed by their logical
 shardings: rows then split over `data`, heads and the KV cache over `tensor`.
 
@@ -81,12 +89,45 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
 
 def init_cache(model, batch: int, length: int, encoded: jax.Array | None = None) -> Any:
     """A zero cache for `batch` rows of `length` positions (shapes from eval_shape: no params made)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(model, batch, length, encoded))
+
+
+def _cache_shapes(model, batch, length, encoded=None):
     def make():
         tok = jnp.zeros((batch, length), jnp.int32)
         if encoded is None:
             return model.init(jax.random.key(0), tok, decode=True)["cache"]
         return model.init(jax.random.key(0), jnp.zeros(encoded.shape[:2], jnp.int32), tok, decode=True)["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(make))
+    return jax.eval_shape(make)
+
+
+@functools.lru_cache(maxsize=64)
+def decoding_model(model):
+    """`model` with its layers unrolled and no remat: the graph `generate` decodes with."""
+    cfg = model.config
+    if not cfg.scan_layers and cfg.remat == "none":
+        return model
+    return model.clone(config=dataclasses.replace(cfg, scan_layers=False, remat="none"))
+
+
+def unstack_layers(params, num_layers: int | None = None):
+    """Params of a scanned model (each `layers` subtree stacked on axis 0) as an unrolled
+    model's (`layer_0`, `layer_1`, ...). Inside jit the slices cost no copies per step."""
+    import flax.linen as nn
+    params = nn.meta.unbox(params)
+
+    def walk(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {}
+        for key, sub in tree.items():
+            if key == "layers":
+                n = jax.tree.leaves(sub)[0].shape[0]
+                out.update({f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], sub) for i in range(n)})
+            else:
+                out[key] = walk(sub)
+        return out
+    return walk(dict(params))
 
 
 # -- the decode loop --------------------------------------------------------------------
@@ -105,9 +146,12 @@ def _decoder_apply(model, params, cache, tokens, seg, pos, encoded, encoded_seg)
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id",
                                              "pad_id"))
-def _generate(model, params, cache, tokens, seg, pos, lengths, rng, encoded, encoded_seg, *, max_new_tokens,
+def _generate(model, params, tokens, seg, pos, lengths, rng, encoded, encoded_seg, *, max_new_tokens,
               temperature, top_k, top_p, eos_id, pad_id):
+    """`model` runs scanned or unrolled as given; `generate` passes `decoding_model(model)`."""
     b = tokens.shape[0]
+    params = unstack_layers(params)
+    cache = init_cache(model, b, tokens.shape[1] + max_new_tokens, encoded)
     logits, cache = _decoder_apply(model, params, cache, tokens, seg, pos, encoded, encoded_seg)  # prefill
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     done = jnp.zeros((b,), bool)
@@ -154,10 +198,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
             raise ValueError("an EncoderDecoder needs `inputs` (the encoder's token lists)")
         enc_tok, encoded_seg, enc_pos, _ = _right_pad(inputs, pad_id)
         encoded = _encode(model, params, enc_tok, encoded_seg, enc_pos)
-        cache = init_cache(model, b, total, encoded)
-    else:
-        cache = init_cache(model, b, total)
-    out, n = _generate(model, params, cache, tokens, seg, pos, jnp.asarray(lengths), jax.random.key(seed), encoded,
+    out, n = _generate(decoding_model(model), params, tokens, seg, pos, jnp.asarray(lengths), jax.random.key(seed), encoded,
                        encoded_seg, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                        top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
     return Generated(np.asarray(out), np.asarray(n))
@@ -168,8 +209,10 @@ def stream(model, params, prompt: Sequence[int], *, max_new_tokens: int, tempera
     """Yields a `DecoderLM`'s tokens one at a time as they are decoded (for the CLI)."""
     _check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens, seg, pos, lengths = left_pad([prompt])
+    model = decoding_model(model)
+    params = _unstack_jit(params)
     cache = init_cache(model, 1, tokens.shape[1] + max_new_tokens)
-    step = jax.jit(functools.partial(_decoder_apply, model), static_argnums=())
+    step = functools.partial(_step_jit, model)
     logits, cache = step(params, cache, tokens, seg, pos, None, None)
     rng = jax.random.key(seed)
     for i in range(max_new_tokens):
@@ -181,6 +224,10 @@ def stream(model, params, prompt: Sequence[int], *, max_new_tokens: int, tempera
             return
         logits, cache = step(params, cache, nxt[:, None], jnp.ones((1, 1), jnp.int32),
                              jnp.asarray([[int(lengths[0]) + i]]), None, None)
+
+
+_unstack_jit = jax.jit(unstack_layers)
+_step_jit = jax.jit(_decoder_apply, static_argnums=0, donate_argnums=2)
 
 
 def _check_sampling(temperature, top_k, top_p, max_new_tokens):
@@ -224,6 +271,7 @@ def _beam_search(model, params, encoded, encoded_seg, cache, *, beam_size, max_n
                  pad_id):
     b = encoded.shape[0] // beam_size
     k = beam_size
+    params = unstack_layers(params)
     flat = lambda x: x.reshape((b * k,) + x.shape[2:])  # noqa: E731
     unflat = lambda x: x.reshape((b, k) + x.shape[1:])  # noqa: E731
     # Only beam 0 is live at the start, so the first expansion does not pick k copies.
@@ -275,8 +323,8 @@ def beam_search(model, params, inputs: Sequence[Sequence[int]], *, beam_size: in
     encoded = _encode(model, params, enc_tok, enc_seg, enc_pos)
     encoded = jnp.repeat(encoded, beam_size, axis=0)
     enc_seg = jnp.repeat(jnp.asarray(enc_seg), beam_size, axis=0)
-    cache = init_cache(model, encoded.shape[0], max_new_tokens, encoded)
-    seqs, lengths = _beam_search(model, params, encoded, enc_seg, cache, beam_size=beam_size,
+    cache = init_cache(decoding_model(model), encoded.shape[0], max_new_tokens, encoded)
+    seqs, lengths = _beam_search(decoding_model(model), params, encoded, enc_seg, cache, beam_size=beam_size,
                                  max_new_tokens=max_new_tokens, alpha=float(alpha), eos_id=eos_id, bos_id=bos_id,
                                  pad_id=pad_id)
     return Generated(np.asarray(seqs), np.asarray(lengths))

@@ -108,24 +108,30 @@ class MultiHeadAttention(nn.Module):
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
     def _update_cache(self, k_BLKD, v_BLKD, segment_ids_BL, cidx, use_cache):
-        """Writes the new keys/values at the cache index; returns what to attend over."""
+        """Writes the new keys/values at the cache index; returns what to attend over.
+
+        The cache is stored [batch, kv_heads, length, head_dim] (as the attention matmuls read
+        it: batch and heads leading), so a decode step reads it in place instead of transposing
+        the whole cache; the swapaxes below cancel against the kernels' own transposes."""
         b, l = k_BLKD.shape[:2]
         seg = jnp.ones((b, l), jnp.int32) if segment_ids_BL is None else segment_ids_BL.astype(jnp.int32)
         # On the init call the cache is created with the input's length and left empty.
-        ck = self.variable("cache", "cached_key", jnp.zeros, k_BLKD.shape, k_BLKD.dtype)
-        cv = self.variable("cache", "cached_value", jnp.zeros, v_BLKD.shape, v_BLKD.dtype)
+        ck = self.variable("cache", "cached_key", jnp.zeros, _bkld(k_BLKD.shape), k_BLKD.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, _bkld(v_BLKD.shape), v_BLKD.dtype)
         cseg = self.variable("cache", "segment_ids", jnp.zeros, (b, l), jnp.int32)
         if not use_cache:
             return k_BLKD, v_BLKD, seg, seg, 0
         index = cidx.value
-        axes = ("batch", "length", "kv_heads", "head_dim")  # on a mesh: rows on data, heads on tensor
-        ck.value = nn.with_logical_constraint(
-            jax.lax.dynamic_update_slice(ck.value, k_BLKD.astype(ck.value.dtype), (0, index, 0, 0)), axes)
-        cv.value = nn.with_logical_constraint(
-            jax.lax.dynamic_update_slice(cv.value, v_BLKD.astype(cv.value.dtype), (0, index, 0, 0)), axes)
-        cseg.value = nn.with_logical_constraint(jax.lax.dynamic_update_slice(cseg.value, seg, (0, index)), axes[:2])
+        axes = ("batch", "kv_heads", "length", "head_dim")  # on a mesh: rows on data, heads on tensor
+
+        def write(cache, new_BLKD):
+            new_BKLD = jnp.swapaxes(new_BLKD, 1, 2).astype(cache.dtype)
+            return nn.with_logical_constraint(jax.lax.dynamic_update_slice(cache, new_BKLD, (0, 0, index, 0)), axes)
+        ck.value, cv.value = write(ck.value, k_BLKD), write(cv.value, v_BLKD)
+        cseg.value = nn.with_logical_constraint(
+            jax.lax.dynamic_update_slice(cseg.value, seg, (0, index)), ("batch", "length"))
         cidx.value = index + l
-        return ck.value, cv.value, seg, cseg.value, index
+        return jnp.swapaxes(ck.value, 1, 2), jnp.swapaxes(cv.value, 1, 2), seg, cseg.value, index
 
 
 def kv_repeats(num_heads: int, kv_heads: int) -> int:
@@ -141,3 +147,8 @@ def kv_repeats(num_heads: int, kv_heads: int) -> int:
     shards = math.prod(mesh.shape[a] for a in axes)
     repeats = math.lcm(kv_heads, shards) // kv_heads
     return repeats if num_heads % (kv_heads * repeats) == 0 else 1
+
+
+def _bkld(shape_BLKD):
+    b, l, k, d = shape_BLKD
+    return b, k, l, d

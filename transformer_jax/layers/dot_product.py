@@ -13,9 +13,16 @@ Kernels: `xla` (einsum reference, [B, H, Lq, Lk] scores), `chunked` (blockwise o
 with a FlashAttention-2 backward, memory linear in length, pure JAX, any backend), `cudnn`
 (`jax.nn.dot_product_attention` on CUDA GPUs, bf16/fp16), `splash` (Pallas splash attention on
 TPU, layers/splash.py), `auto` (`select_implementation`).
+
+`auto` picks for the backend it runs on. To lower or export for another platform from this
+host (e.g. a GPU program from a CPU machine), say which while tracing:
+
+    with target_platform("cuda"):
+        lowered = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",))
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import NamedTuple
@@ -37,6 +44,17 @@ F32 = jnp.float32
 CHUNKED_MIN_SCORES = 512 * 512
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 is safe everywhere
 log = logging.getLogger(__name__)
+_TARGET = jax.make_user_context(None)  # part of jit's cache key: a new platform re-traces
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Kernels are chosen for `platform` ("cuda", "rocm", "tpu", "cpu") while tracing in this
+    block, instead of for this host's backend."""
+    if platform not in ("cuda", "rocm", "tpu", "cpu"):
+        raise ValueError(f"target_platform={platform!r} is unknown; choose cuda, rocm, tpu or cpu")
+    with _TARGET(platform):
+        yield
 
 
 def dot_product_attention(
@@ -136,7 +154,10 @@ def _cudnn_unsupported(dtype, lq, lk, batch, head_dim, has_bias, dense_mask):
 
 
 def _backend() -> str:
-    """jax.default_backend(), with "gpu" split into "cuda" and "rocm" (cuDNN exists only on CUDA)."""
+    """jax.default_backend(), with "gpu" split into "cuda" and "rocm" (cuDNN exists only on CUDA),
+    or the platform of an enclosing `target_platform`."""
+    if _TARGET.value is not None:
+        return _TARGET.value
     backend = jax.default_backend()
     if backend == "gpu":
         version = getattr(jax.devices()[0].client, "platform_version", "").lower()
@@ -179,8 +200,11 @@ def make_mask(lq, lk, *, causal, q_offset, q_segment_ids, kv_segment_ids, mask):
 
 def _xla(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     """The einsum reference: materialises the [B, H, Lq, Lk] scores."""
+    dtype = q.dtype
     b, lq, h, d = q.shape
     kh = k.shape[2]
+    if _backend() == "cpu" and q.dtype != F32:  # XLA:CPU's DotThunk has no bf16 x bf16 -> f32 (jax 0.10.2),
+        q, k, v = (x.astype(F32) for x in (q, k, v))  # which a batched decode step over the KV cache hits
     qg = q.reshape(b, lq, kh, h // kh, d)  # [B, Lq, K, G, D]
     s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
     s = s.reshape(b, h, lq, k.shape[1])
@@ -193,7 +217,7 @@ def _xla(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     p = p.reshape(b, kh, h // kh, lq, k.shape[1])
     o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
-    return o.reshape(b, lq, h, d).astype(q.dtype)
+    return o.reshape(b, lq, h, d).astype(dtype)
 
 
 def _splash(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
