@@ -299,3 +299,45 @@ def test_progress_throughput_and_mfu_lines(trained):
     # input tokens (8 x 64 a step) against loss targets (the non-padding ones): their ratio is exact
     assert record["tokens_per_s"] / record["targets_per_s"] == pytest.approx(8 * 64 / record["tokens"])
     assert json.loads((data_dir / "host_peak.json").read_text())  # the peak MFU divides by, measured once
+
+
+@pytest.mark.slow  # compiles gpt2-small's train step (~20 s)
+def test_info_on_gpt2_small_downloads_nothing(tmp_path, capsys, monkeypatch):
+    """gpt2_small reads tfds:lm1b; `info` used to start a 4 GB download."""
+    monkeypatch.setenv("TRANSFORMER_JAX_DATA_DIR", str(tmp_path / "data"))
+    assert cli.main(["info", "--config", "gpt2_small"]) == 0
+    assert "124,475,904" in capsys.readouterr().out
+    assert not (tmp_path / "data").exists()
+
+
+def _subprocess(args, data_dir):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRANSFORMER_JAX_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    return subprocess.run([sys.executable, "-m", "transformer_jax", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_the_real_command_line_prints_one_error_line(tmp_path):
+    proc = _subprocess(["train", "--workdir", str(tmp_path / "run"), "--set", "model.num_kv_heads=0"], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("transformer-jax: error: model.num_kv_heads=0") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow  # a real first run: corpus preparation, compiles, evaluation (~1 min)
+def test_a_first_run_shows_its_phases_without_library_noise(tmp_path, corpus):
+    args = ["--config", "tiny", "--workdir", str(tmp_path / "run"), *_run_args(corpus), "--set", "train.steps=4",
+            "--set", "train.eval_every=2"]
+    proc = _subprocess(["train", *args], tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    everything = proc.stdout + proc.stderr
+    assert "Downloading and preparing" not in everything and "dataset_info.json" not in everything
+    assert "preparing dataset text_files/" in proc.stderr
+    assert "compiling the train step" in proc.stderr and "evaluating" in proc.stderr
+    assert "MFU is of " in proc.stdout and "measured once (cached in" in proc.stdout
+    assert "validation: loss " in proc.stdout and " nats/token, accuracy" in proc.stdout
+    ev = _subprocess(["eval", "--workdir", str(tmp_path / "run")], tmp_path / "data")
+    assert ev.returncode == 0 and "step 4: validation loss" in ev.stdout
+    assert "compiling the eval step" in ev.stderr

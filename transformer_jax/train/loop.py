@@ -73,7 +73,7 @@ class Run:
             from tqdm import tqdm
             bar = tqdm(total=max_batches, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True,
                        mininterval=1.0)
-            status = lambda text: bar.set_description_str(text.split(":")[0], refresh=False)  # noqa: E731
+            status = lambda text: bar.set_description_str(text.split(":")[0])  # noqa: E731
         status = status or (lambda text: None)
         totals, target_bytes = None, 0
         for i, local in enumerate(it):
