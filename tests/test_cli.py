@@ -98,6 +98,13 @@ def test_more_bad_settings_are_one_line_errors(args, message, capsys, tmp_path):
     test_bad_settings_are_one_line_errors(args, message, capsys, tmp_path)
 
 
+def test_init_from_a_directory_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    (tmp_path / "pretrained").mkdir()
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "run"),
+                     "--set", f"init_from={tmp_path / 'pretrained'}"]) == 2
+    assert f"init_from='{tmp_path / 'pretrained'}' holds no checkpoint" in _one_error_line(capsys)
+
+
 def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("transformer-jax: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
