@@ -344,6 +344,10 @@ def _write_config(run: Run) -> None:
         path = run.workdir / "config.json"
         old = path.read_bytes().decode("utf-8", errors="replace") if path.exists() else None
         new = run.cfg.to_json()
+        try:  # read with this version's defaults: a field added since is no difference
+            old = old if old is None else ExperimentConfig.from_json(old).to_json()
+        except ValueError:  # unreadable JSON (ConfigError is a ValueError too): diffed as text
+            pass
         if old is not None and old != new:
             log.warning(f"config differs from the one this workdir was started with ({_config_diff(old, new)}); "
                         "the new one is used")
