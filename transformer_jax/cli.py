@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default=None, help="the text to continue (give this or --prompt-file)")
     g.add_argument("--prompt-file", default=None, help="a file whose text to continue")
     g.add_argument("--max-new-tokens", type=int, default=128,
-                   help="how many tokens to generate at most; with learned positions the prompt and these must "
-                   "fit in model.max_len (default: 128)")
+                   help="how many tokens to generate at most; with learned positions it is cut, with a note, "
+                   "so that the prompt and these fit in model.max_len (default: 128)")
     g.add_argument("--temperature", type=float, default=0.8,
                    help="sampling temperature, >= 0; 0 is greedy decoding (default: 0.8)")
     g.add_argument("--top-k", type=int, default=0,
