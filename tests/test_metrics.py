@@ -1,6 +1,7 @@
 """metrics.py: loss.png in bits per byte with the compressors as reference lines; what the
 trackers write (read back from the TensorBoard event files and the offline W&B run), the
-profiler hook's trace, and the settings that turn them on."""
+profiler hook's trace, and the settings that turn them on; metrics.jsonl survives kills and
+resumes; the progress bar's rate leaves compile/eval phases out."""
 import json
 import struct
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from transformer_jax.config import ConfigError
 from transformer_jax.experiment import TrainConfig
-from transformer_jax.metrics import MetricsWriter, StepProfiler, plot_losses
+from transformer_jax.metrics import MetricsWriter, StepProfiler, plot_losses, read_metrics
 
 
 def _write(workdir, records):
@@ -161,3 +162,49 @@ def test_wandb_tracker_writes_an_offline_run(tmp_path, monkeypatch):
     records = log.read_bytes()  # protobuf records, strings stored as they are
     assert all(s in records for s in (b"train/loss", b"model.d_model", b"def f():"))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard too
+
+
+def _lines(wd):
+    return (wd / "metrics.jsonl").read_text().splitlines()
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path, caplog):
+    w = MetricsWriter(tmp_path, total_steps=4, progress=False)
+    w.write(1, {"loss": 2.0})
+    w.write(2, {"loss": 1.5})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "kind": "tra')  # killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]  # readers skip it
+    w = MetricsWriter(tmp_path, total_steps=4, start_step=2, progress=False)
+    w.write(3, {"loss": 1.2})
+    w.close()
+    assert "dropped 1 unreadable line(s)" in caplog.text
+    assert [json.loads(x)["step"] for x in _lines(tmp_path)] == [1, 2, 3]
+
+
+def test_a_resume_drops_the_records_of_steps_it_trains_again(tmp_path):
+    w = MetricsWriter(tmp_path, total_steps=6, progress=False)
+    for s in range(1, 6):
+        w.write(s, {"loss": 1.0 / s})
+    w.write(4, {"loss": 0.5}, kind="eval")
+    w.close()
+    w = MetricsWriter(tmp_path, total_steps=6, start_step=3, progress=False)  # the checkpoint was at step 3
+    w.write(4, {"loss": 0.3})
+    w.close()
+    assert [(r["step"], r["kind"], r["loss"]) for r in read_metrics(tmp_path)] == [
+        (1, "train", 1.0), (2, "train", 0.5), (3, "train", pytest.approx(1 / 3)), (4, "train", 0.3)]
+
+
+def test_phases_show_in_the_bar_and_do_not_count_in_its_rate(tmp_path, capsys):
+    w = MetricsWriter(tmp_path, total_steps=100, start_step=50)
+    w.phase("compiling the train step")
+    for clock in ("start_t", "last_print_t"):  # as if compiling took an hour (no sleeping in tests)
+        setattr(w._bar, clock, getattr(w._bar, clock) - 3600.0)
+    w._phase_start -= 3600.0
+    w.phase(None)
+    w.progress(51)
+    assert w._bar.format_dict["elapsed"] < 60.0  # the ETA is not the hour of compilation over 1 step
+    assert w._bar.n == 51
+    w.close()
+    assert "compiling the train step" in capsys.readouterr().err

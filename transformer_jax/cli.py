@@ -13,6 +13,7 @@ and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", help="a shipped experiment's name (default: default) or your own experiment file")
         s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.steps=100 (repeatable)")
-        s.add_argument("--workdir", required=workdir_required, help="run directory (default: runs/<name>)")
+        s.add_argument("--workdir", required=workdir_required,
+                       help="the training run's directory (required)" if workdir_required
+                       else "run directory (default: runs/<name>)")
 
     common(sub.add_parser("train", help="train (resumes from --workdir if it holds a checkpoint)"))
     common(sub.add_parser("eval", help="evaluate the newest intact checkpoint of --workdir"), workdir_required=True)
@@ -35,26 +38,36 @@ def _parser() -> argparse.ArgumentParser:
                                 "predicted step time and MFU on a chip (exit 1: does not fit)"))
     plan_arguments(pl)
     g = sub.add_parser("generate", help="sample from a trained decoder LM, streaming tokens")
-    g.add_argument("--workdir", required=True)
-    g.add_argument("--prompt", default=None)
-    g.add_argument("--prompt-file", default=None)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workdir", required=True, help="the training run's directory (its newest intact checkpoint "
+                   "is used)")
+    g.add_argument("--prompt", default=None, help="the text to continue (give this or --prompt-file)")
+    g.add_argument("--prompt-file", default=None, help="a file whose text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=128,
+                   help="how many tokens to generate at most; with learned positions it is cut, with a note, "
+                   "so that the prompt and these fit in model.max_len (default: 128)")
+    g.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature, >= 0; 0 is greedy decoding (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="sample only among the k most likely tokens; 0 is off (default: 0)")
+    g.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling: only the most likely tokens whose probabilities add up to p, "
+                   "in (0, 1]; 1 is off (default: 0.95)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default: 0)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
+    from transformer_jax.checkpoint import CheckpointIntegrityError
     from transformer_jax.config import ConfigError
 
     try:
         if args.command == "generate":
             from transformer_jax.train.run import generate_cli
             return generate_cli(args)
+        if args.command == "eval":
+            _check_run_dir(Path(args.workdir))
         from transformer_jax.experiment import load_experiment
         cfg = _load(args, load_experiment)
         if args.command == "plan":
@@ -63,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir) if args.workdir else Path("runs") / cfg.name
         if args.command == "train":
             _check_init_from(cfg.init_from, workdir)
+            _make_workdir(workdir)
             from transformer_jax.train.loop import train
             train(cfg, workdir)
         elif args.command == "eval":
@@ -75,14 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"transformer-jax: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointIntegrityError as e:  # every checkpoint of the run is damaged
+        print(f"transformer-jax: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _load(args, load_experiment):
     """The experiment from --config, or the one saved in --workdir (eval, resume), plus --set."""
     if args.config is None and args.workdir and (Path(args.workdir) / "config.json").exists():
-        from transformer_jax.experiment import ExperimentConfig
-        cfg = ExperimentConfig.from_json((Path(args.workdir) / "config.json").read_text())
-        return cfg.apply_overrides(args.overrides)
+        from transformer_jax.experiment import load_run_config
+        return load_run_config(args.workdir).apply_overrides(args.overrides)
     return load_experiment(args.config, args.overrides)
 
 
@@ -93,6 +109,28 @@ def _check_init_from(init_from: str | None, workdir: Path) -> None:
         from transformer_jax.config import ConfigError
         raise ConfigError(f"init_from={init_from!r} does not exist (relative to {Path.cwd()}); train that run first "
                           "(the experiment's docstring has the command) or --set init_from=DIR (none: from scratch)")
+
+
+def _check_run_dir(workdir: Path) -> None:
+    """eval/generate read a training run: say so before anything is created or compiled."""
+    from transformer_jax.config import ConfigError
+    if not workdir.is_dir():
+        raise ConfigError(f"--workdir {str(workdir)!r} does not exist; point it at a training run's directory")
+    if not (workdir / "checkpoints").is_dir():
+        raise ConfigError(f"--workdir {str(workdir)!r} holds no checkpoints/; train first "
+                          f"(transformer-jax train --workdir {workdir})")
+
+
+def _make_workdir(workdir: Path) -> None:
+    """Creates the run directory now, so that an unusable path is one line before any work."""
+    from transformer_jax.config import ConfigError
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not os.access(workdir, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise ConfigError(f"--workdir {str(workdir)!r} cannot be used: {e.strerror or e}; "
+                          "choose a directory you can write to") from None
 
 
 def _quiet_libraries() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -100,6 +101,9 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_")))
         raise ConfigError(f"config file {str(path)!r} not found; shipped experiments: {known}")
+    if path.is_dir() or path.suffix != ".py":
+        raise ConfigError(f"--config {str(path)!r} is not an experiment file; give a .py file with get_config() "
+                          f"or an experiment name (e.g. --config tiny)")
     spec = importlib.util.spec_from_file_location(f"_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -107,10 +111,31 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] = ()) -
     except ConfigError:
         raise
     except Exception as e:  # a syntax error or a bad import in the user's file: say where
-        raise ConfigError(f"config file {str(path)!r} failed to load: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"config file {str(path)!r} failed to load: {type(e).__name__}: {_first_line(e)}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {str(path)!r} has no get_config() function")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's get_config() failed: say where
+        raise ConfigError(f"get_config() in {str(path)!r} failed: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(cfg, ExperimentConfig):
         raise ConfigError(f"get_config() in {str(path)!r} must return an ExperimentConfig, got {type(cfg).__name__}")
     return cfg.apply_overrides(list(overrides))
+
+
+def load_run_config(workdir: str | Path) -> ExperimentConfig:
+    """The effective config a run saved in `workdir/config.json` (a damaged file: one line naming it)."""
+    path = Path(workdir) / "config.json"
+    try:
+        return ExperimentConfig.from_json(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is damaged ({type(e).__name__}: {_first_line(e)}); delete it and rerun with "
+                          "the run's --config and --set options") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]

@@ -9,6 +9,7 @@ chosen steps next to the TensorBoard events (`train.profile_steps=[start, stop]`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -17,17 +18,20 @@ from typing import Any, Protocol
 
 import jax
 
+log = logging.getLogger(__name__)
+
 
 class MetricsWriter:
     def __init__(self, workdir: str | Path, *, total_steps: int, start_step: int = 0, enabled: bool | None = None,
                  progress: bool = True, tracker: str = "none", run_name: str | None = None):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._bar = self._jsonl = None
+        self._bar = self._jsonl = self._phase_start = None
         self._trackers: list[Tracker] = []
         if not self.enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        _drop_stale_records(self.workdir / "metrics.jsonl", start_step)
         self._jsonl = open(self.workdir / "metrics.jsonl", "a", buffering=1)
         self._trackers.append(TensorBoard(self.workdir / "tensorboard"))
         if tracker == "wandb":
@@ -62,13 +66,26 @@ class MetricsWriter:
                 t.text(int(step), tag, text)
 
     def progress(self, step: int, **shown: float | str) -> None:
-        """Moves the bar to `step` and shows e.g. loss, tok/s, MFU."""
+        """Moves the bar to `step` (redrawn at most once a second) and, if given, shows e.g. loss, tok/s, MFU."""
         if self._bar is None:
             return
-        self._bar.n = step
-        self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()},
-                              refresh=False)
-        self._bar.refresh()
+        if shown:
+            self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()},
+                                  refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def phase(self, text: str | None) -> None:
+        """Shows what the run does between steps ("compiling", "evaluating") in front of the bar;
+        None ends the phase. A phase's time counts in neither the bar's rate nor its ETA."""
+        if self._bar is None:
+            return
+        now = time.time()
+        if text is None and self._phase_start is not None:
+            paused = now - self._phase_start
+            self._bar.start_t += paused
+            self._bar.last_print_t += paused
+        self._phase_start = None if text is None else (self._phase_start or now)
+        self._bar.set_description_str(text or "", refresh=True)
 
     def print(self, message: str) -> None:
         """A line that does not break the progress bar."""
@@ -198,10 +215,41 @@ def _plain(v):
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+    """The records of metrics.jsonl; unreadable lines (a write cut short by a kill) are skipped."""
+    return _parse(Path(workdir) / "metrics.jsonl")[0]
+
+
+def _parse(path: Path) -> tuple[list[dict], int]:
+    """(records, number of unreadable lines)."""
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], 0
+    records, bad = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def _drop_stale_records(path: Path, start_step: int) -> None:
+    """Before a run appends to metrics.jsonl: drops unreadable lines (a torn last line after
+    a kill) and the records of steps after `start_step` (a resumed run trains them again,
+    so they would be duplicates); rewrites the file atomically if anything goes."""
+    records, bad = _parse(path)
+    keep = [r for r in records if r["step"] <= start_step]
+    if bad:
+        log.warning(f"{path}: dropped {bad} unreadable line(s) (a write cut short?)")
+    if bad or len(keep) < len(records):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
 
 
 def plot_losses(workdir: str | Path, out: str | Path | None = None, *, x: str = "tokens_seen", title: str | None = None,

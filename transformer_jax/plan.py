@@ -107,7 +107,7 @@ def _compile_once(cfg, devices: int) -> dict:
     from transformer_jax.train import make_train_setup
 
     mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
-    check_batch(cfg.train.global_batch_size, mesh)
+    check_batch(cfg.train.global_batch_size, mesh, cfg.optimizer.grad_accum_steps)
     try:
         setup = make_train_setup(cfg.model, cfg.optimizer, cfg.task, mesh, get_rules(cfg.mesh.preset),
                                  total_steps=cfg.train.steps, seed=cfg.train.seed)

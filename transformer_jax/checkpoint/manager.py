@@ -64,6 +64,7 @@ class CheckpointConfig(Config):
     keep_every: int | None = None  # also keep forever every step that is a multiple of this
     async_save: bool = True
     verify: bool = True  # check sha256 manifests at restore; fall back past bad steps
+    fresh_if_none_intact: bool = False  # the trainer starts fresh (bad steps quarantined) if no step is intact
 
     def validate(self) -> None:
         if self.every_steps < 1:
@@ -274,8 +275,9 @@ class Checkpointer:
         if found < 0 and not fresh_ok:
             detail = "; ".join(f"step {s} is {r}" for s, r in bad)
             raise CheckpointIntegrityError(
-                f"no intact checkpoint in {self.directory}: {detail or 'see process 0'}; move the bad steps "
-                "aside (or delete the directory) to start fresh, or pass fresh_if_none_intact=True")
+                f"no intact checkpoint in {self.directory}: {detail or 'see process 0'}; to start fresh, train "
+                "with --set checkpoint.fresh_if_none_intact=true (in Python: restore(..., fresh_if_none_intact=True)); "
+                "the bad steps then move to _quarantine/")
         for i, (s, reason) in enumerate(bad):
             older = bad[i + 1][0] if i + 1 < len(bad) else (found if found >= 0 else None)
             then = f"falling back to step {older}" if older is not None else "starting fresh"

@@ -22,10 +22,12 @@ when needed (under a file lock, so processes sharing a cache build once).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob as globlib
 import hashlib
 import importlib
+import io
 import logging
 import os
 import platform
@@ -46,7 +48,17 @@ MAX_DOC_BYTES = 1 << 16
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 PYTHON_CONFIG = f"{platform.python_implementation().lower()}-{platform.python_version()}"
 
-logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _not_tfds_noise(record: logging.LogRecord) -> bool:
+    """TFDS warns that a dataset it is about to build has no dataset_info.json yet: not news."""
+    return "has no dataset_info.json" not in record.getMessage()
+
+
+_absl_log = logging.getLogger("absl")
+if not _absl_log.level or _absl_log.level < logging.WARNING:  # absl INFO chatter off; a stricter level stays
+    _absl_log.setLevel(logging.WARNING)
+_absl_log.addFilter(_not_tfds_noise)
 
 
 def hash_percent(key: str) -> int:
@@ -286,8 +298,13 @@ def _prepare(builder, source: str) -> None:
         return
     dl = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP,
                                       try_download_gcs=source.startswith("tfds:"))
+    local = not source.startswith("tfds:")
+    if local:  # TFDS would print "Downloading and preparing dataset Unknown size ..." for files on this disk
+        print(f"preparing dataset {builder.info.full_name} in {builder.data_dir} (once; later runs reuse it)",
+              file=sys.stderr, flush=True)
     try:
-        builder.download_and_prepare(download_config=dl, file_format="array_record")
+        with contextlib.redirect_stdout(io.StringIO()) if local else contextlib.nullcontext():
+            builder.download_and_prepare(download_config=dl, file_format="array_record")
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception as e:  # network, missing manual download, TFRecord-only cache...

@@ -56,6 +56,13 @@ class ModelConfig(Config):
             raise ConfigError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
                 "change one of them or set head_dim explicitly")
+        if self.num_kv_heads is not None and self.num_kv_heads < 1:
+            raise ConfigError(f"model.num_kv_heads={self.num_kv_heads} must be >= 1 (1: MQA) or none (= num_heads)")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be >= 1 or none (= d_model // num_heads)")
+        from transformer_jax.layers.dot_product import KERNELS
+        if self.attention not in KERNELS:
+            raise ConfigError(f"model.attention={self.attention!r} is not a kernel; choose one of {', '.join(KERNELS)}")
         if self.num_heads % self.kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
         if self.position == "rope" and self.dim_per_head % 2:

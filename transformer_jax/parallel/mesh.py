@@ -124,12 +124,17 @@ def _split_outer(sizes, n: int) -> tuple[int, ...] | None:
     return tuple(dcn) if n == 1 else None
 
 
-def check_batch(global_batch: int, mesh: Mesh) -> None:
-    """The batch axis is split over data*fsdp: the global batch must divide it."""
+def check_batch(global_batch: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+    """The batch axis is split over data*fsdp (and into grad_accum_steps microbatches): the
+    global batch must divide it."""
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % n:
         raise ConfigError(f"global batch {global_batch} is not divisible by data*fsdp={n}; "
                           f"use a multiple of {n} or change the mesh")
+    k = grad_accum_steps
+    if global_batch % (k * n):
+        raise ConfigError(f"global batch {global_batch} is not divisible by optimizer.grad_accum_steps={k} x "
+                          f"data*fsdp={n}; use a train.global_batch_size that is a multiple of {k * n}")
 
 
 # -- multi-host -------------------------------------------------------------------------

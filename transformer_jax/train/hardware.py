@@ -4,7 +4,8 @@ Accelerators: published per-chip figures (dense bf16 matmul peak, HBM capacity a
 bandwidth, interconnect). TPU figures are those of "How to Scale Your Model" (Austin et
 al. 2025, ch. 2) and Google's Cloud TPU pages; GPU figures are NVIDIA's SXM datasheets
 (dense, no sparsity). CPUs: measured once in this process (a jitted matmul, a jitted
-copy), cached, and split evenly over the fake devices that share the host.
+copy), cached, and split evenly over the fake devices that share the host; the matmul
+peak is measured once per host and kept on disk (`host_matmul_peak`).
 
 `link_bandwidth` is the bytes per second one chip moves into a ring collective along one
 mesh axis: on a TPU torus both neighbours at once (2 x the one-way ICI link figure, an
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+import platform
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +88,52 @@ def measured_matmul_peak(n: int = 1024, dtype: str = "float32", seconds: float =
     return 2 * n ** 3 / best
 
 
+PEAK_CACHE = "host_peak.json"
+
+
+@functools.lru_cache(maxsize=None)
+def host_matmul_peak() -> float:
+    """This host's f32 matmul FLOP/s, measured once (best of 2 s of runs) and kept in
+    `<data cache>/host_peak.json` keyed by CPU, core count and jax version, so that MFU is
+    always against the same figure, not one measured under whatever load a run starts with.
+    Delete the file to measure again."""
+    path = host_peak_cache_path()
+    key = f"{_cpu_name()} | {os.cpu_count()} cores | jax {jax.__version__}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
+        return float(cache[key])
+    peak = measured_matmul_peak(seconds=2.0)
+    cache[key] = peak
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return peak
+
+
+def host_peak_cache_path() -> Path:
+    root = os.environ.get("TRANSFORMER_JAX_DATA_DIR") or "~/.cache/transformer_jax"
+    return Path(root).expanduser() / PEAK_CACHE
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @functools.lru_cache(maxsize=None)
 def measured_memory_bandwidth(mib: int = 64, seconds: float = 0.3) -> float:
     """Bytes/s read + written by a jitted elementwise op over `mib` MiB on the default device."""
@@ -111,7 +161,7 @@ CPU_MATMUL_EFFICIENCY = 0.7
 def cpu_chip(devices: int = 1) -> Chip:
     """This host measured, split over `devices` fake devices (they share its cores and RAM;
     XLA:CPU's collectives are synchronous copies: nothing overlaps)."""
-    peak, bw = measured_matmul_peak(), measured_memory_bandwidth()
+    peak, bw = host_matmul_peak(), measured_memory_bandwidth()
     return Chip("cpu", peak / devices, host_memory_bytes() / devices, bw / devices, bw / devices, 0.9,
                 f"this host, measured: {peak / 1e9:.0f} GFLOP/s f32 matmul, {bw / 1e9:.1f} GB/s memory, "
                 f"{host_memory_bytes() / GIB:.0f} GiB RAM, shared by {devices} device(s)",
@@ -139,5 +189,7 @@ def peak_flops_per_device() -> tuple[float, str]:
             return peak, f"{dev.device_kind} published bf16 peak"
     if dev.platform == "cpu":
         # Fake CPU devices share the host's cores: the whole host's peak is the budget.
-        return measured_matmul_peak() / jax.local_device_count(), "measured f32 matmul peak of this host"
+        peak = host_matmul_peak()
+        return peak / jax.local_device_count(), (f"the f32 matmul peak of this host, measured once "
+                                                 f"(cached in {host_peak_cache_path()})")
     return float("nan"), f"unknown chip {dev.device_kind!r}"

@@ -29,6 +29,9 @@ from transformer_jax.train.hardware import peak_flops_per_device
 from transformer_jax.train.step import TrainSetup, make_train_setup
 
 log = logging.getLogger(__name__)
+# What the loss of a task is over (metrics' "tokens", "targets_per_s").
+_TARGETS = {"lm": "tokens", "mlm": "masked tokens", "span": "target tokens", "seq2seq": "target tokens",
+            "classify": "examples"}
 
 
 class Run:
@@ -38,7 +41,7 @@ class Run:
         self.workdir = Path(workdir)
         maybe_initialize_distributed(cfg.mesh)
         self.mesh = make_mesh(cfg.mesh)
-        check_batch(cfg.train.global_batch_size, self.mesh)
+        check_batch(cfg.train.global_batch_size, self.mesh, cfg.optimizer.grad_accum_steps)
         self.primary = jax.process_index() == 0
         self.tokenizer = _load_or_train_tokenizer(cfg, self.workdir)
         if cfg.model.vocab_size != self.tokenizer.vocab_size:  # the tokenizer defines the ids
@@ -56,23 +59,40 @@ class Run:
                                   global_batch_size=t.global_batch_size, seed=t.seed,
                                   num_epochs=1 if eval else None, shuffle=False if eval else None)
 
-    def evaluate(self, state, max_batches: int | None = None) -> dict:
+    def evaluate(self, state, max_batches: int | None = None, status=None) -> dict:
         """Loss, accuracy (and bits per byte for a causal LM) on eval_split, or its first `max_batches`.
+        `status(text)` is told the progress (default: a bar of its own on process 0).
 
         Bits per byte: over the whole split, the summed loss over the split's UTF-8 bytes (the
         compressors' denominator); over the first batches, over the bytes their targets stand for."""
         lm = self.cfg.task.task == "lm"
         byte_lengths = self.tokenizer.token_byte_lengths() if lm and max_batches is not None else None
         it = self.iterator(self.cfg.data.eval_split, eval=True)
+        bar = None
+        if status is None and self.primary:
+            from tqdm import tqdm
+            bar = tqdm(total=max_batches, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True,
+                       mininterval=1.0)
+            status = lambda text: bar.set_description_str(text.split(":")[0])  # noqa: E731
+        status = status or (lambda text: None)
         totals, target_bytes = None, 0
         for i, local in enumerate(it):
             if max_batches is not None and i >= max_batches:
                 break
             if byte_lengths is not None:
                 target_bytes += int(np.sum(byte_lengths[local["targets"]] * (local["weights"] > 0)))
-            sums = self.setup.eval_step(state, data.make_global_batch(local, self.setup.batch_sharding))
+            batch = data.make_global_batch(local, self.setup.batch_sharding)
+            if i == 0:
+                status("compiling the eval step")
+                self.setup.compiled_eval_step(batch)
+            sums = self.setup.eval_step(state, batch)
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+            status(f"evaluating: batch {i + 1}" + (f"/{max_batches}" if max_batches else ""))
+            if bar is not None:
+                bar.update()
         it.close()
+        if bar is not None:
+            bar.close()
         totals = {k: float(v) for k, v in jax.device_get(totals).items()}
         out = {"loss": totals["nll_sum"] / max(totals["tokens"], 1.0),
                "accuracy": totals["correct"] / max(totals["tokens"], 1.0), "eval_tokens": totals["tokens"]}
@@ -90,6 +110,8 @@ class Run:
 def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     """Trains (or resumes) `cfg` in `workdir`; returns the final summary."""
     t0 = time.time()
+    if cfg.init_from and not any(p.name.isdigit() for p in (Path(workdir) / "checkpoints").glob("*")):
+        _check_init_from(cfg.init_from)  # a fresh run: before any data, tokenizer or compile
     run = Run(cfg, workdir)
     cfg, setup, ckpt, primary = run.cfg, run.setup, run.ckpt, run.primary
     workdir = run.workdir
@@ -100,7 +122,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                f"{describe_mesh(run.mesh)}, {jax.device_count()} {jax.devices()[0].platform} device(s), workdir {workdir}")
 
     train_it = run.iterator(cfg.data.train_split)
-    restored = ckpt.restore(setup.abstract_state)
+    restored = ckpt.restore(setup.abstract_state, fresh_if_none_intact=cfg.checkpoint.fresh_if_none_intact)
     if restored is not None:
         state, start = restored.state, restored.step
         train_it.set_state(restored.data_state)
@@ -116,6 +138,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     budget_end = None if cfg.train.time_budget_s is None else t0 + cfg.train.time_budget_s - elapsed_before
     peak, peak_source = peak_flops_per_device()
     peak *= jax.device_count()
+    devices = f" x {jax.device_count()} devices" if jax.device_count() > 1 and "measured" not in peak_source else ""
+    writer_log(f"MFU is of {_flops_str(peak)}, {peak_source}{devices}")
     writer = MetricsWriter(workdir, total_steps=cfg.train.steps, start_step=start, enabled=primary,
                            tracker=cfg.train.tracker, run_name=cfg.name)
     writer.write_hparams(json.loads(cfg.to_json()))
@@ -133,13 +157,20 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
         while step < cfg.train.steps:
             batch = data.make_global_batch(next(train_it), setup.batch_sharding)
             if flops is None:
-                flops = setup.flops_per_step(batch)
+                flops, inputs_per_step = setup.flops_per_step(batch), _input_tokens(batch)
+                writer.phase("compiling the train step")
+                setup.compiled_train_step(batch)
+                writer.phase(None)
+                t_log = time.time()  # compile time is not throughput
             profiler.before(step + 1)
             state, metrics = setup.train_step(state, batch)
             step += 1
             profiler.after(step, metrics)
             pending.append((step, metrics))
             steps_since_log += 1
+            if len(pending) > 1:  # one step in flight: the bar (and the clock checks below) follow finished steps
+                jax.block_until_ready(pending[-2][1]["loss"])
+                writer.progress(step - 1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 fetched = jax.device_get([m for _, m in pending])
                 dt = time.time() - t_log
@@ -157,18 +188,24 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                 # loss, nll, accuracy: the mean over the logged window's steps (one step's is noise)
                 good = [m for m in fetched if not m["skipped"]] or fetched
                 last.update({k: float(np.mean([m[k] for m in good])) for k in ("loss", "nll", "accuracy")})
-                rate = tokens / dt if dt > 0 else 0.0
+                rate = inputs_per_step * steps_since_log / dt if dt > 0 else 0.0  # input tokens (padding included)
+                target_rate = tokens / dt if dt > 0 else 0.0  # the tokens (or examples) the loss is over
                 mfu = flops * steps_since_log / dt / peak if dt > 0 else 0.0
-                writer.write(step, dict(last, tokens_per_s=rate, mfu=mfu, tokens_seen=tokens_seen,
-                                        skipped_total=skipped_total))
-                writer.progress(step, loss=last["loss"], **{"tok/s": f"{rate:,.0f}", "MFU": f"{100 * mfu:.1f}%"})
+                writer.write(step, dict(last, tokens_per_s=rate, targets_per_s=target_rate, mfu=mfu,
+                                        tokens_seen=tokens_seen, skipped_total=skipped_total))
+                shown = {"tok/s": f"{rate:,.0f}"}
+                if cfg.task.task != "lm":  # a causal LM's targets are its input tokens
+                    shown[_TARGETS[cfg.task.task] + "/s"] = f"{target_rate:,.1f}"
+                writer.progress(step, loss=last["loss"], **shown, MFU=f"{100 * mfu:.1f}%")
                 pending, t_log, steps_since_log = [], time.time(), 0
                 if halted:
                     stopped = "halted on a non-finite loss"
                     break
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 periodic = cfg.train.periodic_eval_batches or cfg.train.eval_batches
-                ev = run.evaluate(state, periodic)
+                writer.phase("evaluating")
+                ev = run.evaluate(state, periodic, status=writer.phase)
+                writer.phase(None)
                 writer.write(step, dict(ev, tokens_seen=tokens_seen, elapsed_s=elapsed_before + time.time() - t0,
                                         eval_batches=periodic), kind="eval")
                 writer.print(f"step {step}: eval loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}")
@@ -214,7 +251,8 @@ def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int, elap
     ev = run.evaluate(state, cfg.train.eval_batches)
     writer.write(int(state.step), dict(ev, tokens_seen=tokens_seen, elapsed_s=elapsed_s,
                                        eval_batches=cfg.train.eval_batches), kind="eval")
-    lines = [f"validation: loss {ev['loss']:.4f} nats/token, accuracy {ev['accuracy']:.4f}"]
+    unit = _TARGETS[cfg.task.task][:-1]  # loss per target: nats/token, nats/masked token, nats/example
+    lines = [f"validation: loss {ev['loss']:.4f} nats/{unit}, accuracy {ev['accuracy']:.4f}"]
     if "bits_per_byte" in ev:
         ev["baselines"] = data.compression_report(data.eval_text(cfg.data).documents)
         lines.append(f"validation bits per byte: model {ev['bits_per_byte']:.3f}")
@@ -284,7 +322,13 @@ def _load_or_train_tokenizer(cfg: ExperimentConfig, workdir: Path):
     """The run's own tokenizer if it has one (resume), else the data cache's (trained once)."""
     saved = workdir / "tokenizer"
     if (saved / "tokenizer_meta.json").exists():
-        return data.Tokenizer.load(str(saved))
+        try:
+            return data.Tokenizer.load(str(saved))
+        except Exception as e:  # noqa: BLE001  (truncated JSON, a bad tokenizer.json: the file is damaged)
+            what = getattr(e, "filename", None) or saved / "tokenizer_meta.json"
+            raise ConfigError(f"{what} is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
+                              f"every checkpoint holds a copy: replace {saved} with "
+                              f"{workdir / 'checkpoints' / '<step>' / 'tokenizer'}") from None
     tok = data.get_tokenizer(cfg.data)
     if jax.process_index() == 0:
         tmp = workdir / "tokenizer.tmp"
@@ -298,11 +342,54 @@ def _load_or_train_tokenizer(cfg: ExperimentConfig, workdir: Path):
 def _write_config(run: Run) -> None:
     if run.primary:
         path = run.workdir / "config.json"
-        old = path.read_text() if path.exists() else None
+        old = path.read_bytes().decode("utf-8", errors="replace") if path.exists() else None
         new = run.cfg.to_json()
+        try:  # read with this version's defaults: a field added since is no difference
+            old = old if old is None else ExperimentConfig.from_json(old).to_json()
+        except ValueError:  # unreadable JSON (ConfigError is a ValueError too): diffed as text
+            pass
         if old is not None and old != new:
-            log.warning("config differs from the one this workdir was started with; the new one is used")
+            log.warning(f"config differs from the one this workdir was started with ({_config_diff(old, new)}); "
+                        "the new one is used")
         path.write_text(new)
+
+
+def _config_diff(old_json: str, new_json: str) -> str:
+    """'train.steps 10 -> 15, model.dropout_rate 0.0 -> 0.1' (at most 8 keys)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    try:
+        old, new = flat(json.loads(old_json)), flat(json.loads(new_json))
+    except (ValueError, AttributeError):
+        return "the old config.json was unreadable"
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    parts = [f"{k} {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys[:8]]
+    return ", ".join(parts) + (f", and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+
+def _check_init_from(source: str) -> None:
+    """`init_from` must name a checkpoint: said in one line, before anything compiles."""
+    from transformer_jax.checkpoint import resolve_step_dir
+    try:
+        resolve_step_dir(source, verify=False)
+    except FileNotFoundError:
+        raise ConfigError(f"init_from={source!r} holds no checkpoint (no <step>/state/ inside); point it at a "
+                          "training run's directory or a step directory, or set init_from=none") from None
+
+
+def _input_tokens(batch) -> int:
+    """Token positions one step reads: inputs (and decoder inputs of span/seq2seq), padding included."""
+    return sum(int(np.prod(batch[k].shape)) for k in ("inputs", "decoder_inputs") if k in batch)
+
+
+def _flops_str(flops: float) -> str:
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:,.0f} {unit}"
+    return f"{flops:,.0f} FLOP/s"
 
 
 @functools.lru_cache(maxsize=None)

@@ -57,7 +57,9 @@ class OptimizerConfig(Config):
     lora_train: tuple[str, ...] = ("^classifier/",)  # with model.lora_rank > 0: what trains besides adapters
 
     def validate(self) -> None:
-        if not self.learning_rate >= 0:
+        if not math.isfinite(self.learning_rate):
+            raise ConfigError(f"optim.learning_rate={self.learning_rate} must be a finite number, e.g. 3e-4")
+        if self.learning_rate < 0:
             raise ConfigError(f"optim.learning_rate={self.learning_rate} must be >= 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
