@@ -3,6 +3,7 @@ trackers write (read back from the TensorBoard event files and the offline W&B r
 profiler hook's trace, and the settings that turn them on; metrics.jsonl survives kills and
 resumes; the progress bar's rate leaves compile/eval phases out."""
 import json
+import time
 import struct
 from pathlib import Path
 
@@ -158,9 +159,13 @@ def test_wandb_tracker_writes_an_offline_run(tmp_path, monkeypatch):
     w.write(1, {"loss": 2.5})
     w.write_text(3, "sample", "def f():")
     w.close()
-    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # what `wandb sync` uploads
-    records = log.read_bytes()  # protobuf records, strings stored as they are
-    assert all(s in records for s in (b"train/loss", b"model.d_model", b"def f():"))
+    # what `wandb sync` uploads: protobuf records, strings stored as they are. wandb's service process
+    # may still be flushing it after finish() returns (seen under load), so wait for it, boundedly.
+    wanted, deadline, records = (b"train/loss", b"model.d_model", b"def f():"), time.time() + 60, b""
+    while not all(s in records for s in wanted) and time.time() < deadline:
+        time.sleep(0.2)
+        records = b"".join(f.read_bytes() for f in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert all(s in records for s in wanted), records[:200]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard too
 
 
