@@ -3,8 +3,8 @@ trackers write (read back from the TensorBoard event files and the offline W&B r
 profiler hook's trace, and the settings that turn them on; metrics.jsonl survives kills and
 resumes; the progress bar's rate leaves compile/eval phases out."""
 import json
-import time
 import struct
+import time
 from pathlib import Path
 
 import jax
