@@ -266,11 +266,15 @@ def test_leftover_tmp_dir_is_ignored_and_overwritten(tmp_path, mesh):
     chex.assert_trees_all_equal(values(r.state), values(make_state(mesh, 2)))
 
 
-def test_data_state_from_other_process_count_is_a_clear_error(tmp_path, mesh):
+def test_data_state_from_other_process_count_restores_if_hosts_agree_else_clear_error(tmp_path, mesh):
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         save_steps(ckpt, mesh, [1])
         d = ckpt.step_dir(1) / "data_state"
-        (d / "process_0-of-1.json").rename(d / "process_0-of-2.json")  # as if saved by 2 hosts
+        (d / "process_0-of-1.json").rename(d / "process_0-of-2.json")  # as if saved by 2 hosts...
+        (d / "process_1-of-2.json").write_text((d / "process_0-of-2.json").read_text())  # ...at one position
+        write_manifest(ckpt.step_dir(1))
+        assert ckpt.restore(abstract_of(make_state(mesh, 0))).data_state == {"pos": 1}
+        (d / "process_1-of-2.json").write_text(encode_data_state({"pos": 7}))  # hosts at different positions
         write_manifest(ckpt.step_dir(1))
         with pytest.raises(ValueError, match="different number of processes: restore with restore_data_state=False"):
             ckpt.restore(abstract_of(make_state(mesh, 0)))

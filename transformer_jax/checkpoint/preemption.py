@@ -56,6 +56,12 @@ class PreemptionGuard:
             signal.signal(sig, signal.SIG_DFL if old is None else old)
         self._old.clear()
 
+    def reclaim(self) -> None:
+        """Installs the handlers again after code that replaced them outside Python:
+        `jax.distributed.initialize` puts JAX's preemption notifier on SIGTERM."""
+        for sig in self._old:
+            signal.signal(sig, self._handle)
+
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: the person means it
