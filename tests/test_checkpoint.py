@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from transformer_jax.checkpoint import (MANIFEST_NAME, CheckpointConfig, CheckpointIntegrityError, Checkpointer,
                                         PreemptionGuard, init_from, verify_step_dir, write_manifest)
+from transformer_jax.checkpoint.integrity import read_manifest
 from transformer_jax.checkpoint.items import decode_data_state, encode_data_state
 from transformer_jax.config import ConfigError
 
@@ -192,6 +193,34 @@ def test_damaged_newest_step_falls_back_to_previous(tmp_path, mesh, caplog, dama
     ckpt.wait_until_finished()
     assert ckpt.restore(abstract_of(make_state(mesh, 0))).step == 300
     ckpt.close()
+
+
+def test_each_process_hashes_its_own_files_and_the_main_manifest_vouches_for_them(tmp_path, mesh):
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        save_steps(ckpt, mesh, [1])
+        d = ckpt.step_dir(1)
+    top, part = read_manifest(d), read_manifest(d, "MANIFEST.process_0.sha256.json")
+    assert top["parts"] == ["MANIFEST.process_0.sha256.json"] and "MANIFEST.process_0.sha256.json" in top["files"]
+    assert part["files"] and all(rel.startswith(("state/ocdbt.process_0/", "state/array_metadatas/process_0"))
+                                 for rel in part["files"])
+    assert not set(part["files"]) & set(top["files"])  # hashed once, by the process that wrote it
+    listed = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
+    assert listed - set(top["files"]) - set(part["files"]) == {MANIFEST_NAME, "_CHECKPOINT_METADATA",
+                                                                "commit_success.txt"}
+    _flip(d / max(part["files"], key=lambda rel: part["files"][rel]["size"]))
+    found = [verify_step_dir(d, share=(i, 3)) for i in range(3)]  # 3 "processes" share the hashing
+    assert sum(r is not None for r in found) == 1 and "sha256 mismatch" in "".join(r or "" for r in found)
+    (d / "MANIFEST.process_0.sha256.json").write_text("{}")
+    assert verify_step_dir(d).startswith("corrupt: MANIFEST.process_0.sha256.json truncated (2 of")
+
+
+def test_restore_verifies_only_what_it_reads(tmp_path, mesh):
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        save_steps(ckpt, mesh, [1, 2])
+        _flip(ckpt.step_dir(2) / "data_state" / "process_0-of-1.json")
+        assert ckpt.restore(abstract_of(make_state(mesh, 0)), restore_data_state=False).step == 2
+        r = ckpt.restore(abstract_of(make_state(mesh, 0)))
+        assert r.step == 1 and r.skipped[0][1] == "corrupt: data_state/process_0-of-1.json sha256 mismatch"
 
 
 def test_missing_manifest_counts_as_incomplete(tmp_path, mesh, caplog):
@@ -461,3 +490,9 @@ def test_two_processes_save_restore_fallback_and_agree_on_stop(tmp_path):
     written = sorted(n for n in os.listdir(tmp_path / "ckpt" / "1" / "data_state") if n.endswith(".json"))
     assert written == ["process_0-of-2.json", "process_1-of-2.json"]
     assert (tmp_path / "ckpt" / "_quarantine" / "2").is_dir()
+    step1 = tmp_path / "ckpt" / "1"  # each process hashed the array files it wrote
+    assert read_manifest(step1)["parts"] == [f"MANIFEST.process_{i}.sha256.json" for i in (0, 1)]
+    for i in (0, 1):
+        files = read_manifest(step1, f"MANIFEST.process_{i}.sha256.json")["files"]
+        assert files and all(f"ocdbt.process_{i}/" in rel or rel.endswith(f"array_metadatas/process_{i}")
+                             for rel in files)
