@@ -98,7 +98,8 @@ def exit_if_peer_lost(err: BaseException, what: str) -> None:
            else f"process{'es' if len(gone) > 1 else ''} {', '.join(map(str, gone))} of {jax.process_count()} "
                 f"stopped responding")
     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    print(f"transformer-jax: error: {who} ({first}); process {jax.process_index()} stops too; {what}",
+    # the leading newline ends a progress bar's line
+    print(f"\ntransformer-jax: error: {who} ({first}); process {jax.process_index()} stops too; {what}",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     # Not sys.exit: JAX's exit handler would wait in a shutdown barrier for the dead process.
