@@ -31,8 +31,7 @@ _CHILD = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 4)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from transformer_jax import data
-    from transformer_jax.checkpoint.items import decode_data_state
-from transformer_jax.models import get_config
+    from transformer_jax.models import get_config
     from transformer_jax.parallel import MeshConfig, describe_mesh, get_rules, make_mesh, maybe_initialize_distributed
     from transformer_jax.train import OptimizerConfig, TaskConfig, make_train_setup, synthetic_batch
     port, pid, model, optim = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])

@@ -18,8 +18,8 @@ wrote itself into `MANIFEST.process_<i>.sha256.json`, in orbax's background comm
 as soon as its own writes are done (in parallel across processes); process 0 then writes
 the tokenizer copy and `MANIFEST.sha256.json` (the remaining, small files and the
 per-process manifests) inside orbax's `<step>.orbax-checkpoint-tmp` directory, after every
-process has finished writing and before orbax renames the directory to `<step>`. So after a `kill -9` at any moment, every `<step>` directory holds
-a manifest, and "last good" is the newest step whose files match it; a half-written save
+process has finished writing and before orbax renames the directory to `<step>`. So after
+a `kill -9` at any moment, every `<step>` directory holds its manifests, and "last good" is the newest step whose files match it; a half-written save
 is a leftover tmp directory that orbax ignores (and overwrites if that step is saved
 again). Hashing adds to the background commit only; the training loop waits for it only
 when the next `save` (which waits for the previous one, as orbax always does) or
