@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from transformer_jax.checkpoint import (MANIFEST_NAME, CheckpointConfig, CheckpointIntegrityError, Checkpointer,
                                         PreemptionGuard, init_from, verify_step_dir, write_manifest)
+from transformer_jax.checkpoint.integrity import read_manifest
 from transformer_jax.checkpoint.items import decode_data_state, encode_data_state
 from transformer_jax.config import ConfigError
 
@@ -194,6 +195,34 @@ def test_damaged_newest_step_falls_back_to_previous(tmp_path, mesh, caplog, dama
     ckpt.close()
 
 
+def test_each_process_hashes_its_own_files_and_the_main_manifest_vouches_for_them(tmp_path, mesh):
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        save_steps(ckpt, mesh, [1])
+        d = ckpt.step_dir(1)
+    top, part = read_manifest(d), read_manifest(d, "MANIFEST.process_0.sha256.json")
+    assert top["parts"] == ["MANIFEST.process_0.sha256.json"] and "MANIFEST.process_0.sha256.json" in top["files"]
+    assert part["files"] and all(rel.startswith(("state/ocdbt.process_0/", "state/array_metadatas/process_0"))
+                                 for rel in part["files"])
+    assert not set(part["files"]) & set(top["files"])  # hashed once, by the process that wrote it
+    listed = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
+    assert listed - set(top["files"]) - set(part["files"]) == {MANIFEST_NAME, "_CHECKPOINT_METADATA",
+                                                                "commit_success.txt"}
+    _flip(d / max(part["files"], key=lambda rel: part["files"][rel]["size"]))
+    found = [verify_step_dir(d, share=(i, 3)) for i in range(3)]  # 3 "processes" share the hashing
+    assert sum(r is not None for r in found) == 1 and "sha256 mismatch" in "".join(r or "" for r in found)
+    (d / "MANIFEST.process_0.sha256.json").write_text("{}")
+    assert verify_step_dir(d).startswith("corrupt: MANIFEST.process_0.sha256.json truncated (2 of")
+
+
+def test_restore_verifies_only_what_it_reads(tmp_path, mesh):
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        save_steps(ckpt, mesh, [1, 2])
+        _flip(ckpt.step_dir(2) / "data_state" / "process_0-of-1.json")
+        assert ckpt.restore(abstract_of(make_state(mesh, 0)), restore_data_state=False).step == 2
+        r = ckpt.restore(abstract_of(make_state(mesh, 0)))
+        assert r.step == 1 and r.skipped[0][1] == "corrupt: data_state/process_0-of-1.json sha256 mismatch"
+
+
 def test_missing_manifest_counts_as_incomplete(tmp_path, mesh, caplog):
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         save_steps(ckpt, mesh, [1, 2])
@@ -266,11 +295,15 @@ def test_leftover_tmp_dir_is_ignored_and_overwritten(tmp_path, mesh):
     chex.assert_trees_all_equal(values(r.state), values(make_state(mesh, 2)))
 
 
-def test_data_state_from_other_process_count_is_a_clear_error(tmp_path, mesh):
+def test_data_state_from_other_process_count_restores_if_hosts_agree_else_clear_error(tmp_path, mesh):
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         save_steps(ckpt, mesh, [1])
         d = ckpt.step_dir(1) / "data_state"
-        (d / "process_0-of-1.json").rename(d / "process_0-of-2.json")  # as if saved by 2 hosts
+        (d / "process_0-of-1.json").rename(d / "process_0-of-2.json")  # as if saved by 2 hosts...
+        (d / "process_1-of-2.json").write_text((d / "process_0-of-2.json").read_text())  # ...at one position
+        write_manifest(ckpt.step_dir(1))
+        assert ckpt.restore(abstract_of(make_state(mesh, 0))).data_state == {"pos": 1}
+        (d / "process_1-of-2.json").write_text(encode_data_state({"pos": 7}))  # hosts at different positions
         write_manifest(ckpt.step_dir(1))
         with pytest.raises(ValueError, match="different number of processes: restore with restore_data_state=False"):
             ckpt.restore(abstract_of(make_state(mesh, 0)))
@@ -457,3 +490,9 @@ def test_two_processes_save_restore_fallback_and_agree_on_stop(tmp_path):
     written = sorted(n for n in os.listdir(tmp_path / "ckpt" / "1" / "data_state") if n.endswith(".json"))
     assert written == ["process_0-of-2.json", "process_1-of-2.json"]
     assert (tmp_path / "ckpt" / "_quarantine" / "2").is_dir()
+    step1 = tmp_path / "ckpt" / "1"  # each process hashed the array files it wrote
+    assert read_manifest(step1)["parts"] == [f"MANIFEST.process_{i}.sha256.json" for i in (0, 1)]
+    for i in (0, 1):
+        files = read_manifest(step1, f"MANIFEST.process_{i}.sha256.json")["files"]
+        assert files and all(f"ocdbt.process_{i}/" in rel or rel.endswith(f"array_metadatas/process_{i}")
+                             for rel in files)

@@ -33,3 +33,16 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def gather_text(text: str, size: int = 512) -> list[str]:
+    """Every process's `text` (utf-8, cut to `size` bytes), on every process (a collective)."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+
+    raw = np.zeros(size, np.uint8)
+    data = text.encode()[:size]
+    raw[:len(data)] = np.frombuffer(data, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(raw))
+    return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in rows]

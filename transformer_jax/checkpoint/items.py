@@ -47,7 +47,8 @@ def _filename(index: int, count: int) -> str:
 
 
 class DataStateHandler(ocp.handlers.AsyncCheckpointHandler):
-    """Saves this process's data-iterator state; restores it for the same process count."""
+    """Saves this process's data-iterator state; restores it for the same process count, or for
+    any when every process saved the same state (the trainer's iterator counts global rows)."""
 
     async def _write(self, path: epath.Path, text: str) -> None:
         await asyncio.to_thread(path.write_text, text)
@@ -65,6 +66,9 @@ class DataStateHandler(ocp.handlers.AsyncCheckpointHandler):
         path = directory / _filename(index, count)
         if not path.exists():
             saved = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+            texts = {(directory / name).read_text() for name in saved if name.startswith("process_")}
+            if len(texts) == 1:  # every host was at the same (global) position: it fits any process count
+                return decode_data_state(texts.pop())
             raise ValueError(
                 f"data-iterator state for process {index} of {count} not in {directory} (has {saved}); "
                 "it was saved by a different number of processes: restore with restore_data_state=False "

@@ -13,20 +13,24 @@ Layout of a checkpoint directory (the trainer uses `<workdir>/checkpoints`):
 Every step is self-contained (tokenizer included), so a step directory can be copied
 alone and used by `init_from`, eval or export.
 
-Guarantee (async mode, local/NFS/GCSFuse disk): process 0 writes the tokenizer copy and
-the manifest inside orbax's `<step>.orbax-checkpoint-tmp` directory, in orbax's background
-commit thread, after every process has finished writing and before orbax renames the
-directory to `<step>`. So after a `kill -9` at any moment, every `<step>` directory holds
-a manifest, and "last good" is the newest step whose files match it; a half-written save
+Guarantee (async mode, local/NFS/GCSFuse disk): every process hashes the array files it
+wrote itself into `MANIFEST.process_<i>.sha256.json`, in orbax's background commit thread
+as soon as its own writes are done (in parallel across processes); process 0 then writes
+the tokenizer copy and `MANIFEST.sha256.json` (the remaining, small files and the
+per-process manifests) inside orbax's `<step>.orbax-checkpoint-tmp` directory, after every
+process has finished writing and before orbax renames the directory to `<step>`. So after
+a `kill -9` at any moment, every `<step>` directory holds its manifests, and "last good" is the newest step whose files match it; a half-written save
 is a leftover tmp directory that orbax ignores (and overwrites if that step is saved
 again). Hashing adds to the background commit only; the training loop waits for it only
 when the next `save` (which waits for the previous one, as orbax always does) or
 `wait_until_finished` comes first. With `async_save=False` the manifest is written right
 after orbax's commit, so a kill in between leaves a step without one: it counts as
-incomplete and restore skips it.
+incomplete and restore skips it. Restore verifies what it reads (the restored items), each
+process hashing a share of the files.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -38,9 +42,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
+from orbax.checkpoint import future as ocp_future
 
 from transformer_jax.checkpoint import _sync
-from transformer_jax.checkpoint.integrity import verify_step_dir, write_manifest
+from transformer_jax.checkpoint.integrity import verify_step_dir, write_manifest, write_process_manifest
 from transformer_jax.checkpoint.items import (DataState, DataStateHandler, DataStateRestore, DataStateSave,
                                               encode_data_state)
 from transformer_jax.config import Config, ConfigError
@@ -78,7 +83,7 @@ class CheckpointConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """What `Checkpointer.restore` gives back. `skipped` lists (step, reason) of newer steps
-    that failed verification (filled on process 0 only)."""
+    that failed verification."""
 
     step: int
     state: Any
@@ -102,6 +107,36 @@ def _abstract(abstract_state: Any) -> Any:
         return leaf
 
     return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+class _HashingStandardHandler(ocp.StandardCheckpointHandler):
+    """orbax's StandardCheckpointHandler, plus: each process hashes the files it wrote, in
+    orbax's background commit once its own writes are done (a commit future after the others)."""
+
+    async def async_save(self, directory, *args, **kwargs):
+        futures = list(await super().async_save(directory, *args, **kwargs) or [])
+        index = jax.process_index()
+
+        async def hash_when_written():
+            for f in futures:
+                await asyncio.to_thread(f.result)
+            await asyncio.to_thread(write_process_manifest, Path(directory), index, "state")
+
+        return futures + [ocp_future.CommitFutureAwaitingContractedSignals(hash_when_written(), name="hash_state")]
+
+    def save(self, directory, *args, **kwargs):
+        super().save(directory, *args, **kwargs)
+        write_process_manifest(Path(directory), jax.process_index(), "state")
+
+
+@ocp.args.register_with_handler(_HashingStandardHandler, for_save=True)
+class _HashedSave(ocp.args.StandardSave):
+    pass
+
+
+@ocp.args.register_with_handler(_HashingStandardHandler, for_restore=True)
+class _HashedRestore(ocp.args.StandardRestore):
+    pass
 
 
 def _read_tree(directory: Path) -> dict[str, bytes]:
@@ -143,7 +178,7 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data_state": DataStateHandler(),
+            item_handlers={"state": _HashingStandardHandler(), "data_state": DataStateHandler(),
                            "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     # -- saving --------------------------------------------------------------------------
@@ -156,7 +191,7 @@ class Checkpointer:
         if self.read_only:
             raise ValueError(f"this Checkpointer of {self.directory} is read_only; open it with read_only=False to save")
         step = int(step)
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(self._meta(step, metadata))}
+        items = {"state": _HashedSave(state), "meta": ocp.args.JsonSave(self._meta(step, metadata))}
         if data_state is not None:
             encode_data_state(data_state)  # fail here, not inside orbax's save
             items["data_state"] = DataStateSave(data_state)
@@ -249,36 +284,42 @@ class Checkpointer:
             if step not in steps:
                 raise ValueError(f"checkpoint step {step} not in {self.directory}; available steps: {steps}")
             if self.config.verify:
-                reason = self.verify(step) if _sync.is_primary() else None
-                if _sync.broadcast_int(reason is not None):
-                    raise CheckpointIntegrityError(f"checkpoint step {step} in {self.directory} is {reason or 'bad'}")
+                reason = self._verify_read(step, restore_data_state)
+                if reason is not None:
+                    raise CheckpointIntegrityError(f"checkpoint step {step} in {self.directory} is {reason}")
         elif not steps:
             return None
         elif not self.config.verify:
             step = steps[-1]
         else:
-            step, skipped = self._newest_intact(steps, fresh_if_none_intact)
+            step, skipped = self._newest_intact(steps, fresh_if_none_intact, restore_data_state)
             if step is None:
                 return None
         return self._restore_step(step, abstract_state, restore_data_state, skipped)
 
-    def _newest_intact(self, steps: list[int], fresh_ok: bool) -> tuple[int | None, tuple]:
+    def _verify_read(self, step: int, with_data: bool) -> str | None:
+        """Verifies what a restore of `step` reads, each process hashing its share of the
+        files; the same reason (or None) on every process (a collective)."""
+        items = {"state", "meta", "config"} | ({"data_state"} if with_data else set())
+        share = (jax.process_index(), jax.process_count())
+        reasons = _sync.gather_text(verify_step_dir(self.step_dir(step), items, share) or "")
+        return next((r for r in reasons if r), None)
+
+    def _newest_intact(self, steps: list[int], fresh_ok: bool, with_data: bool) -> tuple[int | None, tuple]:
         found, bad = -1, []
-        if _sync.is_primary():
-            for s in reversed(steps):
-                reason = self.verify(s)
-                if reason is None:
-                    found = s
-                    break
-                bad.append((s, reason))
-        found = _sync.broadcast_int(found)
+        for s in reversed(steps):
+            reason = self._verify_read(s, with_data)
+            if reason is None:
+                found = s
+                break
+            bad.append((s, reason))
         if found < 0 and not fresh_ok:
             detail = "; ".join(f"step {s} is {r}" for s, r in bad)
             raise CheckpointIntegrityError(
                 f"no intact checkpoint in {self.directory}: {detail or 'see process 0'}; to start fresh, train "
                 "with --set checkpoint.fresh_if_none_intact=true (in Python: restore(..., fresh_if_none_intact=True)); "
                 "the bad steps then move to _quarantine/")
-        for i, (s, reason) in enumerate(bad):
+        for i, (s, reason) in enumerate(bad if _sync.is_primary() else []):  # process 0 logs and moves
             older = bad[i + 1][0] if i + 1 < len(bad) else (found if found >= 0 else None)
             then = f"falling back to step {older}" if older is not None else "starting fresh"
             where = "left in place: read_only" if self.read_only else f"moved to {self._quarantine(s)}"
@@ -299,7 +340,7 @@ class Checkpointer:
 
     def _restore_step(self, step: int, abstract_state: Any, with_data: bool, skipped: tuple) -> Restored:
         d = self.step_dir(step)
-        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        items = {"state": _HashedRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         if (d / "config").is_dir():
             items["config"] = ocp.args.JsonRestore()
         if with_data and (d / "data_state").is_dir():

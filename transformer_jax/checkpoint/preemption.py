@@ -19,8 +19,9 @@ process saw a signal, `request_stop()` was called on any process, or JAX's preem
 service (`jax.distributed` with preemption sync, e.g. Cloud TPU maintenance events)
 reached its sync point for `step` (via orbax's `reached_preemption`; pass `step` only if
 you call it at every step, as JAX's sync point requires). With one process it is just the
-local flag. Its all-gather of one int is cheap; call it every step or every few steps,
-but at the same steps on every host. Note: installing the guard replaces any SIGTERM
+local flag. Its all-gather of one int is cheap, but the host waits there for the device:
+call it every few steps, at the same steps on every host. (The trainer uses
+`transformer_jax.train.stop.StopControl`, which also agrees on the wall-clock budget.) Note: installing the guard replaces any SIGTERM
 handler installed outside Python (JAX's own preemption notifier among them); the flag
 then carries the signal instead.
 """
@@ -55,6 +56,12 @@ class PreemptionGuard:
             # cannot be put back, so the default action is restored instead.
             signal.signal(sig, signal.SIG_DFL if old is None else old)
         self._old.clear()
+
+    def reclaim(self) -> None:
+        """Installs the handlers again after code that replaced them outside Python:
+        `jax.distributed.initialize` puts JAX's preemption notifier on SIGTERM."""
+        for sig in self._old:
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:

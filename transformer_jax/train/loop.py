@@ -4,8 +4,9 @@ evaluation, checkpoints, logs -> a final report.
 A run lives in its workdir: config.json (the effective config), tokenizer/, checkpoints/,
 metrics.jsonl, tensorboard/, loss.png, summary.json. Starting `train` on a workdir that
 holds a checkpoint resumes from its newest intact step, with the data iterator where it was,
-so the result is bit-identical to an uninterrupted run. SIGTERM/SIGINT finish the current
-step, save and exit cleanly. The wall-clock budget counts every attempt of the run.
+so the result is bit-identical to an uninterrupted run. SIGTERM/SIGINT at any moment (set-up,
+compilation, steps, final report) end the run cleanly with the newest state saved. Stops are
+agreed by all processes (train/stop.py). The wall-clock budget counts every attempt of the run.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from transformer_jax.metrics import MetricsWriter, StepProfiler, plot_losses, re
 from transformer_jax.parallel import check_batch, describe_mesh, get_rules, make_mesh, maybe_initialize_distributed
 from transformer_jax.train.hardware import peak_flops_per_device
 from transformer_jax.train.step import TrainSetup, make_train_setup
+from transformer_jax.train.stop import StopControl, exit_if_peer_lost
 
 log = logging.getLogger(__name__)
 # What the loss of a task is over (metrics' "tokens", "targets_per_s").
@@ -108,11 +110,24 @@ class Run:
 
 
 def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
-    """Trains (or resumes) `cfg` in `workdir`; returns the final summary."""
+    """Trains (or resumes) `cfg` in `workdir`; returns the final summary.
+
+    SIGTERM/SIGINT at any moment (set-up, compilation, steps, final report) end the run
+    cleanly at the next stop check with the newest state saved."""
+    with PreemptionGuard() as guard:
+        try:
+            return _train(cfg, workdir, guard)
+        except Exception as e:  # another process died: one line and exit 1, not a hang
+            exit_if_peer_lost(e, f"restart the job to resume from {Path(workdir) / 'checkpoints'}")
+            raise
+
+
+def _train(cfg: ExperimentConfig, workdir: str | Path, guard: PreemptionGuard) -> dict:
     t0 = time.time()
     if cfg.init_from and not any(p.name.isdigit() for p in (Path(workdir) / "checkpoints").glob("*")):
         _check_init_from(cfg.init_from)  # a fresh run: before any data, tokenizer or compile
     run = Run(cfg, workdir)
+    guard.reclaim()  # jax.distributed.initialize put JAX's own SIGTERM handler in place
     cfg, setup, ckpt, primary = run.cfg, run.setup, run.ckpt, run.primary
     workdir = run.workdir
     _write_config(run)
@@ -136,6 +151,14 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
             state = state.replace(params=params)
             writer_log(f"init_from {cfg.init_from}: {report.summary()}")
     budget_end = None if cfg.train.time_budget_s is None else t0 + cfg.train.time_budget_s - elapsed_before
+    stop = StopControl(guard, budget_end, cfg.train.time_budget_s)
+    early = stop.check()  # a signal during set-up: nothing new to save
+    if early is not None:
+        train_it.close()
+        ckpt.close()
+        saved = f"newest checkpoint: step {start}" if restored is not None else "nothing to save yet"
+        writer_log(f"{early} during set-up; {saved}")
+        return {"name": cfg.name, "step": start, "stopped": early}
     peak, peak_source = peak_flops_per_device()
     peak *= jax.device_count()
     devices = f" x {jax.device_count()} devices" if jax.device_count() > 1 and "measured" not in peak_source else ""
@@ -153,72 +176,69 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     step, skipped_total, halted, stopped, last_saved = start, 0, False, None, start
     pending, t_log, steps_since_log = [], time.time(), 0
     flops = None
-    with PreemptionGuard() as guard:
-        while step < cfg.train.steps:
-            batch = data.make_global_batch(next(train_it), setup.batch_sharding)
-            if flops is None:
-                flops, inputs_per_step = setup.flops_per_step(batch), _input_tokens(batch)
-                writer.phase("compiling the train step")
-                setup.compiled_train_step(batch)
-                writer.phase(None)
-                t_log = time.time()  # compile time is not throughput
-            profiler.before(step + 1)
-            state, metrics = setup.train_step(state, batch)
-            step += 1
-            profiler.after(step, metrics)
-            pending.append((step, metrics))
-            steps_since_log += 1
-            if len(pending) > 1:  # one step in flight: the bar (and the clock checks below) follow finished steps
-                jax.block_until_ready(pending[-2][1]["loss"])
-                writer.progress(step - 1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                fetched = jax.device_get([m for _, m in pending])
-                dt = time.time() - t_log
-                tokens = int(sum(m["tokens"] for m in fetched))
-                tokens_seen += tokens
-                for (s, _), m in zip(pending, fetched):
-                    if m["skipped"]:
-                        skipped_total += 1
-                        writer.print(f"step {s}: non-finite loss or gradients, update skipped "
-                                     f"({skipped_total} so far)")
-                        if m["halt"]:
-                            halted = True
-                            writer.print(f"step {s}: halting (task.on_nonfinite='halt')")
-                last = {k: float(v) for k, v in fetched[-1].items()}
-                # loss, nll, accuracy: the mean over the logged window's steps (one step's is noise)
-                good = [m for m in fetched if not m["skipped"]] or fetched
-                last.update({k: float(np.mean([m[k] for m in good])) for k in ("loss", "nll", "accuracy")})
-                rate = inputs_per_step * steps_since_log / dt if dt > 0 else 0.0  # input tokens (padding included)
-                target_rate = tokens / dt if dt > 0 else 0.0  # the tokens (or examples) the loss is over
-                mfu = flops * steps_since_log / dt / peak if dt > 0 else 0.0
-                writer.write(step, dict(last, tokens_per_s=rate, targets_per_s=target_rate, mfu=mfu,
-                                        tokens_seen=tokens_seen, skipped_total=skipped_total))
-                shown = {"tok/s": f"{rate:,.0f}"}
-                if cfg.task.task != "lm":  # a causal LM's targets are its input tokens
-                    shown[_TARGETS[cfg.task.task] + "/s"] = f"{target_rate:,.1f}"
-                writer.progress(step, loss=last["loss"], **shown, MFU=f"{100 * mfu:.1f}%")
-                pending, t_log, steps_since_log = [], time.time(), 0
-                if halted:
-                    stopped = "halted on a non-finite loss"
-                    break
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                periodic = cfg.train.periodic_eval_batches or cfg.train.eval_batches
-                writer.phase("evaluating")
-                ev = run.evaluate(state, periodic, status=writer.phase)
-                writer.phase(None)
-                writer.write(step, dict(ev, tokens_seen=tokens_seen, elapsed_s=elapsed_before + time.time() - t0,
-                                        eval_batches=periodic), kind="eval")
-                writer.print(f"step {step}: eval loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}")
-                t_log = time.time()  # evaluation time is not training throughput
-            if guard.should_stop_all(step):
-                stopped = f"stopped by {guard.signal_name or 'request'}"
-            elif budget_end is not None and time.time() > budget_end:
-                stopped = f"wall-clock budget of {cfg.train.time_budget_s:.0f} s reached"
-            if stopped or step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
-                save(step, state)
-                last_saved = step
-            if stopped:
+    while step < cfg.train.steps:
+        batch = data.make_global_batch(next(train_it), setup.batch_sharding)
+        if flops is None:
+            flops, inputs_per_step = setup.flops_per_step(batch), _input_tokens(batch)
+            writer.phase("compiling the train step")
+            setup.compiled_train_step(batch)
+            writer.phase(None)
+            t_log = time.time()  # compile time is not throughput
+        profiler.before(step + 1)
+        state, metrics = setup.train_step(state, batch)
+        step += 1
+        profiler.after(step, metrics)
+        pending.append((step, metrics))
+        steps_since_log += 1
+        if len(pending) > 1:  # one step in flight: the bar (and the clock checks below) follow finished steps
+            jax.block_until_ready(pending[-2][1]["loss"])
+            writer.progress(step - 1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            fetched = jax.device_get([m for _, m in pending])
+            dt = time.time() - t_log
+            tokens = int(sum(m["tokens"] for m in fetched))
+            tokens_seen += tokens
+            for (s, _), m in zip(pending, fetched):
+                if m["skipped"]:
+                    skipped_total += 1
+                    writer.print(f"step {s}: non-finite loss or gradients, update skipped "
+                                 f"({skipped_total} so far)")
+                    if m["halt"]:
+                        halted = True
+                        writer.print(f"step {s}: halting (task.on_nonfinite='halt')")
+            last = {k: float(v) for k, v in fetched[-1].items()}
+            # loss, nll, accuracy: the mean over the logged window's steps (one step's is noise)
+            good = [m for m in fetched if not m["skipped"]] or fetched
+            last.update({k: float(np.mean([m[k] for m in good])) for k in ("loss", "nll", "accuracy")})
+            rate = inputs_per_step * steps_since_log / dt if dt > 0 else 0.0  # input tokens (padding included)
+            target_rate = tokens / dt if dt > 0 else 0.0  # the tokens (or examples) the loss is over
+            mfu = flops * steps_since_log / dt / peak if dt > 0 else 0.0
+            writer.write(step, dict(last, tokens_per_s=rate, targets_per_s=target_rate, mfu=mfu,
+                                    tokens_seen=tokens_seen, skipped_total=skipped_total))
+            shown = {"tok/s": f"{rate:,.0f}"}
+            if cfg.task.task != "lm":  # a causal LM's targets are its input tokens
+                shown[_TARGETS[cfg.task.task] + "/s"] = f"{target_rate:,.1f}"
+            writer.progress(step, loss=last["loss"], **shown, MFU=f"{100 * mfu:.1f}%")
+            pending, t_log, steps_since_log = [], time.time(), 0
+            if halted:
+                stopped = "halted on a non-finite loss"
                 break
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            periodic = cfg.train.periodic_eval_batches or cfg.train.eval_batches
+            writer.phase("evaluating")
+            ev = run.evaluate(state, periodic, status=writer.phase)
+            writer.phase(None)
+            writer.write(step, dict(ev, tokens_seen=tokens_seen, elapsed_s=elapsed_before + time.time() - t0,
+                                    eval_batches=periodic), kind="eval")
+            writer.print(f"step {step}: eval loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}")
+            t_log = time.time()  # evaluation time is not training throughput
+        if stop.due(step, cfg.train.log_every):
+            stopped = stop.check()
+        if stopped or step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+            save(step, state)
+            last_saved = step
+        if stopped:
+            break
     if last_saved != step and not halted:
         save(step, state)
     profiler.close()
@@ -232,7 +252,7 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
                "peak_source": peak_source}
     interrupted = stopped is not None and stopped.startswith("stopped by")
     if not interrupted and not halted:
-        summary.update(_final_report(run, state, writer, tokens_seen, elapsed_before + time.time() - t0))
+        summary.update(_final_report(run, state, writer, tokens_seen, elapsed_before + time.time() - t0, stop))
     summary["elapsed_s"] = elapsed_before + time.time() - t0
     writer.close()
     if primary:
@@ -244,16 +264,21 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     return summary
 
 
-def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int, elapsed_s: float) -> dict:
+def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int, elapsed_s: float,
+                  stop: StopControl) -> dict:
     """Evaluation (the whole split unless train.eval_batches caps it), compression baselines
-    and the time the model took to beat each for a causal LM, loss.png and a sample."""
+    and the time the model took to beat each for a causal LM, loss.png and a sample. A stop
+    request (the state is saved already) skips what comes after the evaluation."""
     cfg = run.cfg
     ev = run.evaluate(state, cfg.train.eval_batches)
     writer.write(int(state.step), dict(ev, tokens_seen=tokens_seen, elapsed_s=elapsed_s,
                                        eval_batches=cfg.train.eval_batches), kind="eval")
     unit = _TARGETS[cfg.task.task][:-1]  # loss per target: nats/token, nats/masked token, nats/example
     lines = [f"validation: loss {ev['loss']:.4f} nats/{unit}, accuracy {ev['accuracy']:.4f}"]
-    if "bits_per_byte" in ev:
+    stopped = stop.check()
+    if stopped is not None:
+        lines.append(f"{stopped} during the final report; the rest of it is skipped")
+    elif "bits_per_byte" in ev:
         ev["baselines"] = data.compression_report(data.eval_text(cfg.data).documents)
         lines.append(f"validation bits per byte: model {ev['bits_per_byte']:.3f}")
         for way, scores in ev["baselines"].items():
@@ -265,11 +290,11 @@ def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int, elap
             lines.append("time to beat (validation; the first evaluation below each, one stream): " + "   ".join(
                 f"{k} " + (f"step {t['step']} at {t['elapsed_s']:.0f} s" if t else "not yet")
                 for k, t in ev["time_to_beat"].items()))
-    if run.primary:
+    if run.primary and stopped is None:
         plot = plot_losses(run.workdir, title=cfg.name, baselines=ev.get("baselines", {}).get("stream"))
         if plot:
             lines.append(f"loss curve: {plot}")
-    if cfg.model.family == "decoder" and cfg.train.sample_tokens:
+    if cfg.model.family == "decoder" and cfg.train.sample_tokens and stopped is None:
         ev["sample"] = sample_text(run, state.params, cfg.train.sample_prompt, cfg.train.sample_tokens)
         writer.write_text(int(state.step), "sample", cfg.train.sample_prompt + ev["sample"])
         lines.append(f"sample (temperature 0.8, top-p 0.95):\n{cfg.train.sample_prompt}{ev['sample']}")
