@@ -124,3 +124,22 @@ def test_left_padded_prompts_decode_like_each_alone():
 def test_heads_not_multiple_of_kv_heads():
     with pytest.raises(ValueError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
         MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=3).init(jax.random.key(0), jnp.ones((1, 2, 8)))
+
+
+def test_sliding_window_sees_only_the_last_keys_and_holds_in_the_cache():
+    """window=3: output t depends on inputs t-2..t only; the KV-cache decode gives the full forward."""
+    m = MultiHeadAttention(num_heads=2, head_dim=8, num_kv_heads=1, rope=True, sliding_window=3)
+    x = _x((1, 10, 16))
+    params = m.init(jax.random.key(0), x)["params"]
+    y = m.apply({"params": params}, x, causal=True)
+    y2 = m.apply({"params": params}, x.at[:, 4].set(_x((1, 16), 9)), causal=True)
+    changed = ~np.isclose(y, y2, atol=1e-6).all(-1)[0]
+    np.testing.assert_array_equal(np.flatnonzero(changed), [4, 5, 6])
+    d = m.clone(decode=True)
+    cache = d.init(jax.random.key(0), jnp.zeros((1, 10, 16)))["cache"]
+    outs = []
+    for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 10)]:
+        out, mut = d.apply({"params": params, "cache": cache}, x[:, lo:hi], mutable=["cache"])
+        cache = mut["cache"]
+        outs.append(out)
+    chex.assert_trees_all_close(jnp.concatenate(outs, 1), y, atol=1e-5)

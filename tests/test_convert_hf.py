@@ -282,8 +282,8 @@ def test_t5_parity_and_round_trip(tmp_path, version):
 def test_errors_name_the_setting(tmp_path, gpt2_dirs):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ConfigError, match="model_type='llama'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon"}))
+    with pytest.raises(ConfigError, match="model_type='falcon'"):
         load_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         read_state_dict(tmp_path)
@@ -296,8 +296,8 @@ def test_errors_name_the_setting(tmp_path, gpt2_dirs):
     with pytest.raises(ConfigError, match="scale_attn_by_inverse_layer_idx"):
         load_hf(odd)
 
-    with pytest.raises(ConfigError, match="cannot export as GPT-2: position='rope'"):
-        save_hf(tmp_path / "out", get_config("llama-tiny"), {})
+    with pytest.raises(ConfigError, match="cannot export as GPT-2: position='sinusoidal'"):
+        save_hf(tmp_path / "out", get_config("gpt2-tiny", position="sinusoidal"), {})
     imp = load_hf(gpt2_dirs[True][1])
     with pytest.raises(ConfigError, match="model_type='bert'"):
         save_hf(tmp_path / "out", imp.config, imp.params, hf_config={"model_type": "bert"})

@@ -3,6 +3,7 @@ tensors were used, layout changes between torch Linear weights and this library'
 and the unrolled <-> scanned layer layouts."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,14 +18,15 @@ class Weights:
     (GPT2LMHeadModel stores "transformer.wte.weight", GPT2Model "wte.weight").
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], prefix: str = ""):
-        self.arrays = {_rename_legacy(k): v for k, v in arrays.items()}
+    def __init__(self, arrays: Mapping[str, np.ndarray], prefix: str = ""):
+        self.source = arrays  # may read lazily (hf.read_state_dict): a tensor is read when peeked
+        self.names = {_rename_legacy(k): k for k in arrays}
         self.prefix = prefix
         self.used: set[str] = set()
 
     def _key(self, name: str) -> str | None:
         for key in (self.prefix + name, name):
-            if key in self.arrays:
+            if key in self.names:
                 return key
         return None
 
@@ -36,7 +38,7 @@ class Weights:
         if key is None:
             raise KeyError(f"checkpoint has no tensor {self.prefix + name!r} (nor {name!r}); "
                            "is this the right model directory?")
-        return self.arrays[key]
+        return self.source[self.names[key]]
 
     def take(self, name: str) -> np.ndarray:
         key = self._key(name)
@@ -51,7 +53,7 @@ class Weights:
             self.used.add(key)
 
     def unused(self) -> tuple[str, ...]:
-        return tuple(sorted(set(self.arrays) - self.used))
+        return tuple(sorted(set(self.names) - self.used))
 
 
 def _rename_legacy(key: str) -> str:

@@ -5,10 +5,11 @@
     logits = model.apply({"params": imported.params}, tokens)
     save_hf("out/", imported.config, params, hf_config=imported.hf_config)  # reloads in transformers
 
-Supported: GPT-2 -> `DecoderLM`, BERT -> `Encoder` (MLM head, pooler + classifier), T5 / mT5
--> `EncoderDecoder` (see convert/gpt2.py, bert.py, t5.py). Reading needs only `safetensors`
-and numpy for `model.safetensors`; `pytorch_model.bin` needs torch. Nothing here imports
-`transformers`.
+Supported: GPT-2, Llama, Mistral, Qwen2 -> `DecoderLM`, BERT -> `Encoder` (MLM head, pooler +
+classifier), T5 / mT5 -> `EncoderDecoder` (see convert/gpt2.py, llama.py, bert.py, t5.py).
+Reading needs only `safetensors` and numpy for `model.safetensors` (float32, float16 or bfloat16,
+one file or shards listed in `model.safetensors.index.json`, read tensor by tensor);
+`pytorch_model.bin` needs torch. Nothing here imports `transformers`.
 
 Params are plain nested dicts of **unboxed numpy arrays** (dtype = `config.param_dtype`) in
 the layout of `build_model(config).init(...)["params"]` (scanned `layers` when
@@ -33,18 +34,19 @@ import json
 import math
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.config import ConfigError
-from transformer_jax.convert import bert, gpt2, t5
+from transformer_jax.convert import bert, gpt2, llama, t5
 from transformer_jax.convert._common import Weights, stack_layers, to_numpy, unstack_layers
 from transformer_jax.models.config import ModelConfig
 
-CONVERTERS = {t: mod for mod in (gpt2, bert, t5) for t in mod.MODEL_TYPES}
-FAMILIES = {"decoder": gpt2, "encoder": bert, "encoder_decoder": t5}
+CONVERTERS = {t: mod for mod in (gpt2, llama, bert, t5) for t in mod.MODEL_TYPES}
+FAMILIES = {"decoder": gpt2, "encoder": bert, "encoder_decoder": t5}  # the export of each family (rope: llama)
 # Where the vocabulary lies in a param tree: path -> axis.
 VOCAB_AXES = {("embedder", "token", "embedding"): 0, ("embedder", "unembed", "kernel"): 1, ("mlm_head", "bias"): 0}
 SAFETENSORS, TORCH_BIN = "model.safetensors", "pytorch_model.bin"
@@ -66,51 +68,92 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
     """All tensors of a model directory (safetensors preferred, then pytorch_model.bin; sharded
-    checkpoints through their *.index.json) as float32 numpy arrays."""
+    checkpoints through their *.index.json), name -> float32 numpy array. Safetensors are read
+    lazily, one tensor per lookup."""
     d = Path(path)
-    for name, reader in ((SAFETENSORS, _read_safetensors), (TORCH_BIN, _read_torch)):
+    for name, reader in ((SAFETENSORS, _SafetensorsFiles), (TORCH_BIN, _read_torch)):
         if (d / name).is_file():
-            return reader(d / name)
+            return reader([d / name])
         index = d / f"{name}.index.json"
         if index.is_file():
-            out: dict[str, np.ndarray] = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                out.update(reader(d / shard))
-            return out
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (d / s).is_file()]
+            if missing:
+                raise ConfigError(f"{index} lists {len(missing)} shard(s) that are not in {d}: "
+                                  f"{', '.join(missing[:3])}; download every shard")
+            return reader([d / s for s in shards])
     raise FileNotFoundError(f"{d} holds neither {SAFETENSORS} nor {TORCH_BIN} (nor a sharded *.index.json); "
                             "pass a directory written by transformers' save_pretrained")
 
 
-def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
+class _SafetensorsFiles(Mapping):
+    """name -> float32 numpy array over one or more .safetensors files, read on lookup."""
 
-    try:
-        return {k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v for k, v in load_file(file).items()}
-    except TypeError:  # bfloat16: numpy has no such dtype; read through jax instead
-        with safe_open(file, framework="flax") as f:
-            return {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+        self.file_of = {}
+        for file in files:
+            with safe_open(file, framework="numpy") as f:
+                self.file_of.update({k: file for k in f.keys()})
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+        try:
+            with safe_open(self.file_of[key], framework="numpy") as f:
+                x = f.get_tensor(key)
+        except TypeError:  # bfloat16: numpy has no such dtype; read through jax instead
+            with safe_open(self.file_of[key], framework="flax") as f:
+                x = f.get_tensor(key)
+        return np.asarray(x, np.float32) if jnp.dtype(x.dtype).kind in "fV" else np.asarray(x)
+
+    def __iter__(self):
+        return iter(self.file_of)
+
+    def __len__(self) -> int:
+        return len(self.file_of)
 
 
-def _read_torch(file: Path) -> dict[str, np.ndarray]:
+def _read_torch(files: list[Path]) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"reading {file.name} needs torch: pip install 'transformer-jax[hf]' "
+        raise ImportError(f"reading {files[0].name} needs torch: pip install 'transformer-jax[hf]' "
                           "(or save the checkpoint as safetensors)") from e
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+    out = {}
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        out.update({k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()})
+    return out
 
 
 def load_hf(path: str | os.PathLike, *, pad_vocab_to: int | None = None, **config_overrides) -> HFImport:
-    """Imports a transformers GPT-2, BERT or T5 directory.
+    """Imports a transformers GPT-2, Llama, Mistral, Qwen2, BERT or T5 directory.
 
     `pad_vocab_to`: pad the vocabulary with zero rows to a multiple of this. `config_overrides`
     are ModelConfig fields that do not change the weights (scan_layers, dtype, param_dtype,
-    attention, remat, dropout_rate, ...).
+    attention, remat, dropout_rate, lora_rank, ...).
     """
+    cfg, hf, hf_vocab, conv, w = _open(path, pad_vocab_to, config_overrides)
+    params = conv.params_from_hf(cfg, w, hf)
+    rows = params["embedder"]["token"]["embedding"].shape[0]
+    if rows != hf_vocab:
+        raise ConfigError(f"config.json says vocab_size={hf_vocab} but the checkpoint's embedding has {rows} rows")
+    params = _resize_vocab(params, cfg.vocab_size)
+    if cfg.scan_layers:
+        params = stack_layers(params)
+    dtype = jnp.dtype(cfg.param_dtype)
+    params = _map_leaves(lambda x: np.asarray(x, dtype), params)
+    return HFImport(cfg, params, hf, hf_vocab, w.unused())
+
+
+def hf_model_config(path: str | os.PathLike, *, pad_vocab_to: int | None = None, **config_overrides) -> ModelConfig:
+    """The ModelConfig `load_hf` would build, reading config.json and no weights (at most one tensor)."""
+    return _open(path, pad_vocab_to, config_overrides)[0]
+
+
+def _open(path, pad_vocab_to, config_overrides):
     hf = read_hf_config(path)
     kind = hf.get("model_type")
     if kind not in CONVERTERS:
@@ -125,24 +168,17 @@ def load_hf(path: str | os.PathLike, *, pad_vocab_to: int | None = None, **confi
             raise ConfigError(f"pad_vocab_to={pad_vocab_to} must be a positive multiple, e.g. 128")
         kwargs["vocab_size"] = math.ceil(hf_vocab / pad_vocab_to) * pad_vocab_to
     cfg = ModelConfig.from_dict(dict(kwargs, **config_overrides), where="model")
-    params = conv.params_from_hf(cfg, w, hf)
-    rows = params["embedder"]["token"]["embedding"].shape[0]
-    if rows != hf_vocab:
-        raise ConfigError(f"config.json says vocab_size={hf_vocab} but the checkpoint's embedding has {rows} rows")
-    params = _resize_vocab(params, cfg.vocab_size)
-    if cfg.scan_layers:
-        params = stack_layers(params)
-    dtype = jnp.dtype(cfg.param_dtype)
-    params = _map_leaves(lambda x: np.asarray(x, dtype), params)
-    return HFImport(cfg, params, hf, hf_vocab, w.unused())
+    return cfg, hf, hf_vocab, conv, w
 
 
 def save_hf(path: str | os.PathLike, config: ModelConfig, params: Any, *, vocab_size: int | None = None,
             hf_config: dict[str, Any] | None = None) -> Path:
     """Writes a transformers-loadable directory (config.json + model.safetensors, float32).
 
-    The architecture follows `config.family` (decoder -> GPT-2, encoder -> BERT, encoder_decoder
-    -> T5); a config that architecture cannot express raises ConfigError naming the settings.
+    The architecture follows `hf_config`'s model_type if given, else `config.family` (decoder ->
+    GPT-2, or Llama / Mistral / Qwen2 with rope, encoder -> BERT, encoder_decoder -> T5); a
+    config that architecture cannot express raises ConfigError naming the settings. LoRA
+    adapters (`config.lora_rank` > 0) are merged into their kernels first.
     `params` may be boxed or unboxed, scanned or unrolled, jax or numpy. `hf_config` (e.g.
     `HFImport.hf_config`) supplies fields this library does not model (token ids, labels); the
     vocabulary is cut to `vocab_size`, else hf_config's vocab_size, else config.vocab_size.
@@ -150,19 +186,24 @@ def save_hf(path: str | os.PathLike, config: ModelConfig, params: Any, *, vocab_
     """
     from safetensors.numpy import save_file
 
-    conv = FAMILIES[config.family]
-    conv.check_exportable(config)
+    if config.lora_rank:
+        from transformer_jax.models.lora import merge_lora
+        params, config = merge_lora(params, config), config.replace(lora_rank=0)
     base = dict(hf_config or {})
+    rope = config.family == "decoder" and config.position == "rope"
+    conv = llama if rope else FAMILIES[config.family]
     if base.get("model_type", conv.MODEL_TYPES[0]) not in conv.MODEL_TYPES:
-        raise ConfigError(f"hf_config has model_type={base['model_type']!r}, but a {config.family} model exports "
+        raise ConfigError(f"hf_config has model_type={base['model_type']!r}, but this {config.family} model exports "
                           f"as {conv.MODEL_TYPES[0]!r}; pass the matching hf_config or none")
+    kind = {"model_type": base["model_type"]} if conv is llama and "model_type" in base else {}
+    conv.check_exportable(config, **kind)
     vocab = vocab_size or base.get("vocab_size") or config.vocab_size
     if vocab > config.vocab_size:
         raise ConfigError(f"vocab_size={vocab} is larger than the model's vocab_size={config.vocab_size}")
     tree = _resize_vocab(unstack_layers(to_numpy(params)), vocab)
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in conv.params_to_hf(config, tree).items()}
     base.pop("torch_dtype", None)
-    out_cfg = dict(base, **conv.config_to_hf(config, vocab, tree), dtype="float32")
+    out_cfg = dict(base, **conv.config_to_hf(config, vocab, tree, **kind), dtype="float32")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / SAFETENSORS, metadata={"format": "pt"})

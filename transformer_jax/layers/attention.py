@@ -37,6 +37,9 @@ class MultiHeadAttention(nn.Module):
     use_bias: bool = False
     rope: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: Any = None  # a models.config.RopeScaling, or None
+    sliding_window: int | None = None  # self-attention sees only the last `sliding_window` keys (Mistral)
+    qkv_bias: bool = False  # biases on query/key/value even without use_bias (Qwen2)
     logit_scale: bool = True  # multiply scores by head_dim**-0.5
     implementation: str = "auto"
     decode: bool = False
@@ -69,8 +72,9 @@ class MultiHeadAttention(nn.Module):
         kv_axis = "kv_heads" if repeats == 1 else None  # repeated heads: the kernels are replicated
 
         def proj(heads, heads_axis, name):
-            return Dense((heads, self.head_dim), ("embed", heads_axis, "head_dim"), use_bias=self.use_bias,
-                         dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name=name)
+            return Dense((heads, self.head_dim), ("embed", heads_axis, "head_dim"),
+                         use_bias=self.use_bias or self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                         lora=self.lora, name=name)
 
         q_BLHD = proj(self.num_heads, "heads", "query")(x_BLD)
         k_BSKD = jnp.repeat(proj(kv_heads, kv_axis, "key")(x_kv_BSD), repeats, axis=2)
@@ -90,13 +94,15 @@ class MultiHeadAttention(nn.Module):
         if self.rope and self_attention:
             q_pos = jnp.broadcast_to(jnp.arange(lq)[None] if q_positions is None else q_positions, (b, lq))
             k_pos = q_pos if kv_positions is None else kv_positions
-            q_BLHD = apply_rope(q_BLHD, q_pos, self.rope_theta)
-            k_BSKD = apply_rope(k_BSKD, jnp.broadcast_to(k_pos, k_BSKD.shape[:2]), self.rope_theta)
+            q_BLHD = apply_rope(q_BLHD, q_pos, self.rope_theta, self.rope_scaling)
+            k_BSKD = apply_rope(k_BSKD, jnp.broadcast_to(k_pos, k_BSKD.shape[:2]), self.rope_theta, self.rope_scaling)
 
         if caching:
             k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_offset = self._update_cache(
                 k_BSKD, v_BSKD, q_segment_ids, cache_index, use_cache)
             causal = True
+        if self.sliding_window is not None and self_attention:
+            mask = _window(lq, k_BSKD.shape[1], q_offset, self.sliding_window, mask)
 
         scale = self.head_dim ** -0.5 if self.logit_scale else 1.0
         out_BLHD = dot_product_attention(
@@ -152,3 +158,11 @@ def kv_repeats(num_heads: int, kv_heads: int) -> int:
 def _bkld(shape_BLKD):
     b, l, k, d = shape_BLKD
     return b, k, l, d
+
+
+def _window(lq: int, lk: int, q_offset, window: int, mask):
+    """`mask` and "key slot j within `window` slots of query slot q_offset + i" ([1, 1, Lq, Lk]).
+    Slots, not positions: packed rows and a left-padded cache shift both sides alike."""
+    q_i = q_offset + jnp.arange(lq)[:, None]
+    near = (q_i - jnp.arange(lk)[None, :] < window)[None, None]
+    return near if mask is None else mask & near

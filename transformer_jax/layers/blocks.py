@@ -56,7 +56,8 @@ def _residual(layer: nn.Module, x_BLD, f, name: str):
 def _attention(cfg: ModelConfig, name: str, decode: bool = False, rope: bool = False) -> MultiHeadAttention:
     return MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.dim_per_head, num_kv_heads=cfg.kv_heads, use_bias=cfg.use_bias,
-        rope=rope, rope_theta=cfg.rope_theta, logit_scale=cfg.attn_logit_scale, implementation=cfg.attention,
+        rope=rope, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, qkv_bias=cfg.qkv_bias,
+        sliding_window=cfg.sliding_window, logit_scale=cfg.attn_logit_scale, implementation=cfg.attention,
         decode=decode, lora=lora(cfg), name=name, **dtypes(cfg))
 
 

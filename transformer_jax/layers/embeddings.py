@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transformer_jax.layers.dense import matmul
 
@@ -65,10 +66,28 @@ class LearnedPositions(nn.Module):
         return jnp.take(table, positions_BL, axis=0).astype(self.dtype)
 
 
-def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float = 10000.0) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling=None) -> np.ndarray:
+    """The [head_dim / 2] float32 angular frequencies theta^(-2i/d), optionally scaled
+    (`scaling`: a models.config.RopeScaling, "linear" or "llama3"), as transformers computes them."""
+    inv_freq = (1.0 / np.float32(theta) ** (np.arange(0, head_dim, 2).astype(np.float32) / head_dim)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+    # llama3: wavelengths above original_max_len / low_freq_factor are stretched by `factor`, those below
+    # original_max_len / high_freq_factor kept, the band between blended smoothly.
+    wavelen = 2 * math.pi / inv_freq
+    old_len, factor = scaling.original_max_len, scaling.factor
+    scaled = np.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / scaling.high_freq_factor) & (wavelen <= old_len / scaling.low_freq_factor)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float = 10000.0, scaling=None) -> jax.Array:
     """Rotates the two halves of each head (the Llama/GPT-NeoX "rotate_half" layout)."""
-    d = x_BLHD.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+    inv_freq = jnp.asarray(rope_frequencies(x_BLHD.shape[-1], theta, scaling))  # [D/2]
     angles = positions_BL.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, L, 1, D/2]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)

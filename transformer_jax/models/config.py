@@ -11,6 +11,23 @@ LORA_TARGETS = ("query", "key", "value", "out", "wi", "wi_0", "wi_1", "wo")
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling(Config):
+    """RoPE frequencies stretched for long contexts: "linear" (position interpolation: all
+    frequencies / factor) or "llama3" (Llama 3.1: low frequencies / factor, high ones kept,
+    a smooth blend between; wavelengths compared with original_max_len / the two factors)."""
+    kind: Literal["linear", "llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def validate(self) -> None:
+        if self.factor <= 0 or self.original_max_len < 1 or not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError(f"rope_scaling={self} needs factor > 0, original_max_len >= 1 and "
+                              "0 < low_freq_factor < high_freq_factor")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig(Config):
     family: Family = "decoder"
     vocab_size: int = 32768
@@ -24,6 +41,8 @@ class ModelConfig(Config):
     max_len: int = 1024  # learned-position table size and the longest KV cache
     position: Literal["learned", "sinusoidal", "rope", "t5_bias", "none"] = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # Llama 3.1 / linear scaling of the RoPE frequencies
+    sliding_window: int | None = None  # Mistral: a query sees only the last `sliding_window` keys (itself included)
     rel_num_buckets: int = 32  # T5 relative bias
     rel_max_distance: int = 128
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -32,6 +51,7 @@ class ModelConfig(Config):
     embed_norm: bool = False  # BERT: LayerNorm right after the embeddings
     activation: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"] = "gelu_tanh"
     use_bias: bool = True
+    qkv_bias: bool = False  # Qwen2: biases on query/key/value only (use_bias puts them everywhere)
     tie_embeddings: bool = True  # output projection = embedding^T
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Vaswani et al.)
     attn_logit_scale: bool = True  # False for T5: no 1/sqrt(head_dim) (folded into init)
@@ -67,6 +87,11 @@ class ModelConfig(Config):
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
         if self.position == "rope" and self.dim_per_head % 2:
             raise ConfigError(f"rope needs an even head_dim, got head_dim={self.dim_per_head}")
+        if self.sliding_window is not None and (self.sliding_window < 1 or self.family != "decoder"):
+            raise ConfigError(f"sliding_window={self.sliding_window} must be >= 1 (none: off), decoder family only")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ConfigError(f"rope_scaling is set but position={self.position!r}; set position='rope' or "
+                              "rope_scaling=none")
         if self.position == "t5_bias" and self.rel_num_buckets < 2:
             raise ConfigError(f"rel_num_buckets={self.rel_num_buckets} must be at least 2")
         if not 0.0 <= self.dropout_rate < 1.0:
