@@ -5,6 +5,7 @@
     transformer-jax info [--config ...] [--set ...]
     transformer-jax plan --config NAME [--mesh data=..,fsdp=..,tensor=..] [--chip v5e|v5p|h100|h200|cpu] [--set ...]
     transformer-jax generate --workdir DIR --prompt "def " [--max-new-tokens N] [--temperature T]
+    transformer-jax export --workdir DIR --to HF_DIR
 
 NAME is a shipped experiment (transformer_jax/experiments/NAME.py); with no --config, `train`
 runs `default`. A bad setting is one line on stderr
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="nucleus sampling: only the most likely tokens whose probabilities add up to p, "
                    "in (0, 1]; 1 is off (default: 0.95)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the sampler (default: 0)")
+    e = sub.add_parser("export", help="write a run's newest checkpoint as a Hugging Face transformers directory")
+    e.add_argument("--workdir", required=True, help="the training run's directory (its newest intact checkpoint "
+                   "is exported)")
+    e.add_argument("--to", required=True, help="output directory (config.json, model.safetensors, tokenizer)")
     return p
 
 
@@ -68,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             return generate_cli(args)
         if args.command == "eval":
             _check_run_dir(Path(args.workdir))
+        if args.command == "export":
+            from transformer_jax.convert.runs import export_run
+            out, note = export_run(args.workdir, args.to)
+            print(f"transformer-jax: exported {args.workdir} to {out} ({note})")
+            return 0
         from transformer_jax.experiment import load_experiment
         cfg = _load(args, load_experiment)
         if args.command == "plan":

@@ -197,12 +197,15 @@ def _check(seq_len, target_seq_len, global_batch_size, process_index, process_co
 
 
 def _make_task(cfg, task, tok, root, data, f, seq_len, target_len, seed, shuffle):
+    if tok.kind == "hf" and task != "lm":
+        raise ConfigError(f"task={task!r} needs this library's own tokenizer (mask/sentinel/bos ids); a "
+                          "checkpoint's tokenizer trains task='lm' only")
     if task == "seq2seq":
         return tasks.Seq2SeqTask(cache.token_store(root, data, f["input"], tok),
                                  cache.token_store(root, data, f["target"], tok), seq_len, target_len, seed, shuffle)
     store = cache.token_store(root, data, f["text"], tok)
     if task == "lm":
-        return tasks.LMTask(store, seq_len, seed, shuffle)
+        return tasks.LMTask(store, seq_len, seed, shuffle, bos_id=tok.bos_id, eos_id=tok.eos_id)
     if task == "mlm":
         return tasks.MLMTask(store, seq_len, seed, shuffle, cfg.mask_rate, tok.first_regular_id,
                              tok.used_vocab_size)

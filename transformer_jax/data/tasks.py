@@ -32,17 +32,18 @@ def rng_for(seed: int, salt: int, epoch: int, row: int) -> np.random.Generator:
     return np.random.default_rng([seed, salt, epoch, row])
 
 
-def seq_slice(store, doc: int, a: int, b: int, bos: bool, eos: bool) -> np.ndarray:
+def seq_slice(store, doc: int, a: int, b: int, bos: bool, eos: bool, bos_id: int = BOS_ID,
+              eos_id: int = EOS_ID) -> np.ndarray:
     """Elements [a, b) of `[bos]? text [eos]?` for document `doc` of `store`."""
     lead, n = int(bos), int(store.lengths[doc])
     parts = []
     if bos and a < 1 <= b:
-        parts.append(np.array([BOS_ID], np.int32))
+        parts.append(np.array([bos_id], np.int32))
     lo, hi = max(a - lead, 0), min(b - lead, n)
     if hi > lo:
         parts.append(store.slice(doc, lo, hi))
     if eos and a <= lead + n < b:
-        parts.append(np.array([EOS_ID], np.int32))
+        parts.append(np.array([eos_id], np.int32))
     if not parts:
         return np.zeros(0, np.int32)
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -88,8 +89,8 @@ def _put(out: dict, k: int, pos: int, **cols) -> None:
 class LMTask:
     keys = dict(inputs=np.int32, targets=np.int32, segment_ids=np.int32, positions=np.int32, weights=np.float32)
 
-    def __init__(self, store, seq_len: int, seed: int, shuffle: bool):
-        self.store, self.seq_len = store, seq_len
+    def __init__(self, store, seq_len: int, seed: int, shuffle: bool, bos_id: int = BOS_ID, eos_id: int = EOS_ID):
+        self.store, self.seq_len, self.special = store, seq_len, dict(bos_id=bos_id, eos_id=eos_id)
         self.layout = StreamLayout(store.lengths + 1, seq_len, seed, shuffle)
         self.rows_per_epoch = self.layout.rows_per_epoch
         self.shapes = {k: (seq_len,) for k in self.keys}
@@ -97,7 +98,7 @@ class LMTask:
     def fill(self, out: dict, k: int, e: int, r: int) -> None:
         pos = 0
         for seg, (d, a, b) in enumerate(self.layout.pieces(e, r), 1):
-            seq = seq_slice(self.store, d, a, b + 1, bos=True, eos=True)
+            seq = seq_slice(self.store, d, a, b + 1, bos=True, eos=True, **self.special)
             n = b - a
             _put(out, k, pos, inputs=seq[:-1], targets=seq[1:], segment_ids=np.full(n, seg),
                  positions=np.arange(n), weights=np.ones(n))

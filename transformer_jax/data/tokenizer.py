@@ -111,6 +111,9 @@ class Tokenizer:
             meta = json.load(f)
         if meta["kind"] == "byte":
             return ByteTokenizer()
+        if meta["kind"] == "hf":  # a pretrained checkpoint's own tokenizer (data/hf_tokenizer.py)
+            from transformer_jax.data.hf_tokenizer import HFTokenizer
+            return HFTokenizer(directory, meta["vocab_size"], meta["special"])
         with open(os.path.join(directory, "tokenizer.json")) as f:
             return BpeTokenizer(f.read(), meta["vocab_size"])
 

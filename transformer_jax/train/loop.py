@@ -23,6 +23,7 @@ import numpy as np
 from transformer_jax import data
 from transformer_jax.checkpoint import Checkpointer, PreemptionGuard, init_from
 from transformer_jax.config import ConfigError
+from transformer_jax.convert import runs as hf_runs
 from transformer_jax.experiment import ExperimentConfig
 from transformer_jax.metrics import MetricsWriter, StepProfiler, plot_losses, read_metrics
 from transformer_jax.parallel import check_batch, describe_mesh, get_rules, make_mesh, maybe_initialize_distributed
@@ -45,7 +46,11 @@ class Run:
         self.mesh = make_mesh(cfg.mesh)
         check_batch(cfg.train.global_batch_size, self.mesh, cfg.optimizer.grad_accum_steps)
         self.primary = jax.process_index() == 0
-        self.tokenizer = _load_or_train_tokenizer(cfg, self.workdir)
+        # init_from=hf:PATH: the checkpoint's architecture and tokenizer (convert/runs.py)
+        self.hf_dir = hf_runs.hf_dir(cfg.init_from, required=not any((self.workdir / "checkpoints").glob("[0-9]*")))
+        if self.hf_dir:
+            cfg = cfg.replace(model=hf_runs.run_model_config(cfg.model, self.hf_dir))
+        self.tokenizer = _load_or_train_tokenizer(cfg, self.workdir, self.hf_dir)
         if cfg.model.vocab_size != self.tokenizer.vocab_size:  # the tokenizer defines the ids
             cfg = cfg.replace(model=cfg.model.replace(vocab_size=self.tokenizer.vocab_size))
         self.cfg = cfg
@@ -146,7 +151,11 @@ def _train(cfg: ExperimentConfig, workdir: str | Path, guard: PreemptionGuard) -
         writer_log(f"resumed from step {start} ({elapsed_before:.0f} s already spent)")
     else:
         state, start, elapsed_before, tokens_seen = setup.init_state(), 0, 0.0, 0
-        if cfg.init_from:
+        if run.hf_dir:
+            params, summary = hf_runs.init_params(run.hf_dir, cfg.model, state.params)
+            state = state.replace(params=params)
+            writer_log(f"init_from {cfg.init_from}: {summary}")
+        elif cfg.init_from:
             params, report = init_from(cfg.init_from, state.params)
             state = state.replace(params=params)
             writer_log(f"init_from {cfg.init_from}: {report.summary()}")
@@ -343,8 +352,9 @@ def evaluate(cfg: ExperimentConfig, workdir: str | Path) -> dict:
     return dict(ev, step=restored.step)
 
 
-def _load_or_train_tokenizer(cfg: ExperimentConfig, workdir: Path):
-    """The run's own tokenizer if it has one (resume), else the data cache's (trained once)."""
+def _load_or_train_tokenizer(cfg: ExperimentConfig, workdir: Path, hf_dir: Path | None = None):
+    """The run's own tokenizer if it has one (resume), else an imported checkpoint's, else the
+    data cache's (trained once)."""
     saved = workdir / "tokenizer"
     if (saved / "tokenizer_meta.json").exists():
         try:
@@ -354,7 +364,11 @@ def _load_or_train_tokenizer(cfg: ExperimentConfig, workdir: Path):
             raise ConfigError(f"{what} is damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
                               f"every checkpoint holds a copy: replace {saved} with "
                               f"{workdir / 'checkpoints' / '<step>' / 'tokenizer'}") from None
-    tok = data.get_tokenizer(cfg.data)
+    if hf_dir:
+        from transformer_jax.data.hf_tokenizer import HFTokenizer
+        tok = HFTokenizer.from_pretrained(hf_dir, cfg.model.vocab_size)
+    else:
+        tok = data.get_tokenizer(cfg.data)
     if jax.process_index() == 0:
         tmp = workdir / "tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -365,6 +379,8 @@ def _load_or_train_tokenizer(cfg: ExperimentConfig, workdir: Path):
 
 
 def _write_config(run: Run) -> None:
+    if run.primary and run.hf_dir:
+        shutil.copyfile(run.hf_dir / "config.json", run.workdir / hf_runs.HF_CONFIG)
     if run.primary:
         path = run.workdir / "config.json"
         old = path.read_bytes().decode("utf-8", errors="replace") if path.exists() else None
