@@ -83,7 +83,7 @@ def init_params(path: Path, model_cfg: ModelConfig, params: Any) -> tuple[Any, s
         return jax.make_array_from_callback(arr.shape, leaf.sharding, lambda index: arr[index])
 
     merged = jax.tree_util.tree_map_with_path(place, params)
-    return merged, f"restored all {len(theirs)} tensors of {path}; fresh: {len(fresh)} LoRA adapter tensors"
+    return merged, f"restored all {len(theirs)} parameter arrays of {path}; fresh: {len(fresh)} LoRA adapter arrays"
 
 
 def export_run(workdir: str | Path, to: str | Path) -> tuple[Path, str]:
