@@ -39,7 +39,8 @@ def test_ids_and_specials_follow_transformers(tmp_path):
     ids = ours.encode(TEXT)
     assert ids == theirs(TEXT, add_special_tokens=False)["input_ids"]
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 2)  # no pad token: eos fills decode outputs
-    assert ours.decode(ids) == TEXT
+    assert ours.decode(ids) == TEXT and ours.decode_bytes(ids) == TEXT.encode()  # bytes: id by id
+    assert ours.decode_bytes([ours.bos_id, ours.eos_id]) == b""
     assert [a.tolist() for a in ours.encode_batch([TEXT, "x"])] == [ids, ours.encode("x")]
 
     saved = tmp_path / "saved"
@@ -79,3 +80,17 @@ def test_mismatches_are_one_line_errors(tmp_path):
     (d / "tokenizer_config.json").unlink()
     with pytest.raises(ConfigError, match="no eos token"):
         HFTokenizer.from_pretrained(d, vocab_size=512)
+
+
+def test_sentencepiece_style_pieces_count_their_bytes(tmp_path):
+    """Llama 2 / Mistral tokenizers: U+2581 is a space; the decoder drops the leading one."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator([TEXT * 3], trainer=trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<s>", "</s>"], show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(bos_token="<s>", eos_token="</s>")))
+    ours = HFTokenizer.from_pretrained(tmp_path, vocab_size=256)
+    ids = ours.encode("def add(a, b):")
+    assert ours.decode(ids) == "def add(a, b):" and ours.decode_bytes(ids) == b" def add(a, b):"

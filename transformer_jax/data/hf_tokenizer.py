@@ -54,6 +54,7 @@ class HFTokenizer(Tokenizer):
         self.bos_id = self.eos_id if special.get("bos") is None else special["bos"]
         self.pad_id = self.eos_id if special.get("pad") is None else special["pad"]
         self.fingerprint = "hf-" + digest(text, vocab_size, self.bos_id, self.eos_id)
+        self._table = _token_bytes(self._hf, json.loads(text).get("decoder") or {})
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, vocab_size: int) -> "HFTokenizer":
@@ -78,11 +79,9 @@ class HFTokenizer(Tokenizer):
         return self.encode(data.decode("utf-8", errors="replace"))
 
     def decode(self, ids) -> str:
+        """Text of `ids` through the tokenizer's own decoder (`decode_bytes`: the bytes each id stands for)."""
         ids = [int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < self.used_vocab_size]
         return self._hf.decode(ids, skip_special_tokens=True)
-
-    def decode_bytes(self, ids) -> bytes:
-        return self.decode(ids).encode("utf-8")
 
     def id_to_piece(self, i: int) -> str:
         return self._hf.id_to_token(i) or ""
@@ -96,6 +95,27 @@ class HFTokenizer(Tokenizer):
                     special=dict(bos=self.bos_id, eos=self.eos_id, pad=self.pad_id))
         with open(os.path.join(directory, "tokenizer_meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
+
+
+def _token_bytes(hf, decoder: dict) -> list[bytes]:
+    """id -> the bytes it stands for (special tokens: b""): byte-level pieces through GPT-2's
+    byte map, SentencePiece pieces with U+2581 as a space and <0xNN> byte fallbacks."""
+    from transformer_jax.data.tokenizer import _bytes_to_unicode
+    inverse = {c: b for b, c in _bytes_to_unicode().items()}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
+    special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+    table = []
+    for i in range(hf.get_vocab_size(with_added_tokens=True)):
+        piece = hf.id_to_token(i) or ""
+        if i in special:
+            table.append(b"")
+        elif "ByteLevel" in kinds and all(c in inverse for c in piece):
+            table.append(bytes(inverse[c] for c in piece))
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            table.append(bytes([int(piece[3:5], 16)]))
+        else:
+            table.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return table
 
 
 def _special_ids(d: Path) -> dict[str, int | None]:
