@@ -118,11 +118,14 @@ def _variant(d, tmp_path, name, drop=None, **changes):
     ("falcon", dict(model_type="falcon"), "model_type='falcon' in"),
     ("small_vocab", dict(vocab_size=256), "tokens but the model's embedding has 256 rows"),
     ("no_shard", dict(drop=1), "shard(s) that are not in"),
-    ("gone", None, "holds no config.json"),
+    ("gone", None, "does not exist"),
+    ("empty", None, "holds no config.json"),
 ])
 def test_mismatches_are_one_line_errors(checkpoint, tmp_path, capsys, name, changes, message):
     d, texts = checkpoint
-    target = tmp_path / "nothing" if changes is None else _variant(d, tmp_path, name, **changes)
+    target = tmp_path / name if changes is None else _variant(d, tmp_path, name, **changes)
+    if name == "empty":
+        target.mkdir()
     assert cli.main(train_args(target, texts, tmp_path)) == 2
     err = capsys.readouterr().err
     assert err.startswith("transformer-jax: error: ") and err.count("\n") == 1, err

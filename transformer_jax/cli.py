@@ -115,7 +115,7 @@ def _load(args, load_experiment):
 def _check_init_from(init_from: str | None, workdir: Path) -> None:
     """A fine-tune whose backbone is missing stops here, in one line, before compiling (a run
     that resumes from its own checkpoint never reads init_from)."""
-    if init_from and not Path(init_from).exists() and not (workdir / "checkpoints").is_dir():
+    if init_from and not Path(init_from.removeprefix("hf:")).exists() and not (workdir / "checkpoints").is_dir():
         from transformer_jax.config import ConfigError
         raise ConfigError(f"init_from={init_from!r} does not exist (relative to {Path.cwd()}); train that run first "
                           "(the experiment's docstring has the command) or --set init_from=DIR (none: from scratch)")
