@@ -91,7 +91,8 @@ def params_from_hf(cfg: ModelConfig, w: Weights, hf: dict) -> dict[str, Any]:
         layers[f"layer_{i}"] = {
             "attention_norm": {"scale": w.take(p + "input_layernorm.weight")}, "self_attention": attn,
             "mlp_norm": {"scale": w.take(p + "post_attention_layernorm.weight")},
-            "mlp": {ours: {"kernel": linear_kernel(w.take(f"{p}mlp.{theirs}.weight"))} for theirs, ours in _MLP.items()}}
+            "mlp": {ours: {"kernel": linear_kernel(w.take(f"{p}mlp.{theirs}.weight"))}
+                    for theirs, ours in _MLP.items()}}
     embedder = {"token": {"embedding": w.take("embed_tokens.weight")}}
     if cfg.tie_embeddings:
         w.drop("lm_head.weight")  # a tied copy

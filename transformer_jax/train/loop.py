@@ -47,7 +47,8 @@ class Run:
         check_batch(cfg.train.global_batch_size, self.mesh, cfg.optimizer.grad_accum_steps)
         self.primary = jax.process_index() == 0
         # init_from=hf:PATH: the checkpoint's architecture and tokenizer (convert/runs.py)
-        self.hf_dir = hf_runs.hf_dir(cfg.init_from, required=not any((self.workdir / "checkpoints").glob("[0-9]*")))
+        resuming = any((self.workdir / "checkpoints").glob("[0-9]*"))
+        self.hf_dir = hf_runs.hf_dir(cfg.init_from, required=not resuming)
         if self.hf_dir:
             cfg = cfg.replace(model=hf_runs.run_model_config(cfg.model, self.hf_dir))
         self.tokenizer = _load_or_train_tokenizer(cfg, self.workdir, self.hf_dir)
