@@ -130,7 +130,8 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
 
 def _train(cfg: ExperimentConfig, workdir: str | Path, guard: PreemptionGuard) -> dict:
     t0 = time.time()
-    if cfg.init_from and not any(p.name.isdigit() for p in (Path(workdir) / "checkpoints").glob("*")):
+    own_run = cfg.init_from and not cfg.init_from.startswith("hf:") and not hf_runs.hf_dir(cfg.init_from)
+    if own_run and not any(p.name.isdigit() for p in (Path(workdir) / "checkpoints").glob("*")):
         _check_init_from(cfg.init_from)  # a fresh run: before any data, tokenizer or compile
     run = Run(cfg, workdir)
     guard.reclaim()  # jax.distributed.initialize put JAX's own SIGTERM handler in place
