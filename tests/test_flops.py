@@ -5,7 +5,7 @@ import pytest
 
 from transformer_jax.models import build_model, get_config
 from transformer_jax.train import cross_entropy_sums, forward, synthetic_batch, train_flops
-from transformer_jax.train.losses import init_inputs, model_inputs
+from transformer_jax.train.losses import TaskConfig, batch_loss_sums, init_inputs, mlm_predictions, model_inputs
 
 
 def test_bench_model_is_the_design_number():
@@ -37,6 +37,23 @@ def test_formula_is_xla_count_minus_elementwise(task, name):
     grad = jax.grad(lambda p, b: cross_entropy_sums(*forward(model, p, b, task))["loss"])
     xla = jax.jit(grad).lower(params, batch).compile().cost_analysis()["flops"]
     assert 0.93 * xla <= train_flops(cfg, task, batch) <= xla
+
+
+def test_mlm_head_is_counted_where_it_runs():
+    """The step's MLM head runs at ceil(mlm_predict_fraction * L) gathered positions per row; the
+    model FLOPs count those, still 93-100% of XLA's count of the real loss."""
+    cfg = get_config("bert-tiny", d_model=128, num_heads=4, d_ff=512, scan_layers=False, max_len=128, vocab_size=512)
+    model, task = build_model(cfg), TaskConfig(task="mlm")
+    batch = synthetic_batch("mlm", 4, 64, cfg.vocab_size)
+    k = mlm_predictions(task, 64)
+    assert 0 < k < 64
+    args, kw = model_inputs(init_inputs("mlm", 4, 64), "mlm")
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kw))["params"]
+    grad = jax.grad(lambda p, b: batch_loss_sums(model, p, b, task)["loss"])
+    xla = jax.jit(grad).lower(params, batch).compile().cost_analysis()["flops"]
+    assert 0.93 * xla <= train_flops(cfg, "mlm", batch, head_positions=k) <= xla
+    saved = train_flops(cfg, "mlm", batch) - train_flops(cfg, "mlm", batch, head_positions=k)
+    assert saved == 6 * 4 * (64 - k) * (128 * 128 + 128 * 512)  # transform + unembedding at the other positions
 
 
 def test_remat_recomputation_is_counted_separately():

@@ -107,11 +107,12 @@ def test_train_step_for_cuda_falls_back_where_cudnn_cannot(cudnn_version, caplog
 
 def test_sharded_train_step_for_cuda_partitions_the_cudnn_call(cudnn_version):
     """fsdp_tp on (2, 2, 2): the cuDNN attention (forward and backward) is a custom_partitioning
-    call over the global [8, 256, 4, 64] bf16 q and the [8, 1, 256, 256] segment-mask bias."""
+    call over one data replica's [4, 256, 4, 64] bf16 q and [4, 1, 256, 256] segment-mask bias (the
+    step is manual over `data`, a shard_map; fsdp and tensor stay with the partitioner)."""
     text = lower_train_step("cuda", 256, mesh_shape=(2, 2, 2))
     assert calls(text)["CustomSPMDPartitioning"] == 2
     fwd = next(line for line in text.splitlines() if "@CustomSPMDPartitioning" in line)
-    assert "tensor<8x256x4x64xbf16>" in fwd and "tensor<8x1x256x256xbf16>" in fwd
+    assert "tensor<4x256x4x64xbf16>" in fwd and "tensor<4x1x256x256xbf16>" in fwd
 
 
 def test_decode_for_cuda_prefills_with_cudnn_and_steps_with_the_einsum(cudnn_version, caplog):

@@ -10,7 +10,8 @@ N counts every matmul weight a token meets, the (tied or untied) unembedding inc
 the embedding lookups excluded; T counts every position of the batch, padding included
 (the hardware computes it). The attention term counts the whole L x L square even for
 causal masks. Norms, softmax, activations and the optimizer are not counted. Remat's
-recomputation is not counted either (it is hardware FLOPs, not model FLOPs).
+recomputation is not counted either (it is hardware FLOPs, not model FLOPs). The MLM head
+counts the positions it computes (`head_positions` per row: the step gathers the masked ones).
 """
 from __future__ import annotations
 
@@ -33,10 +34,11 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else tuple(x)
 
 
-def train_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> float:
+def train_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any], head_positions: int | None = None) -> float:
     """Training FLOPs of one step on `batch` (arrays, ShapeDtypeStructs or shape tuples
-    under the data pipeline's keys: inputs [B, L], decoder_inputs [B, T] for span/seq2seq)."""
-    return 6.0 * sum(_macs(cfg, task, batch))
+    under the data pipeline's keys: inputs [B, L], decoder_inputs [B, T] for span/seq2seq).
+    `head_positions`: MLM only, positions per row the head computes (None: every position)."""
+    return 6.0 * sum(_macs(cfg, task, batch, head_positions))
 
 
 def remat_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> float:
@@ -53,7 +55,8 @@ def remat_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> float:
     return 2.0 * scores if cfg.remat == "dots_no_batch" else 0.0
 
 
-def _macs(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> tuple[float, float, float]:
+def _macs(cfg: ModelConfig, task: str, batch: Mapping[str, Any],
+          head_positions: int | None = None) -> tuple[float, float, float]:
     """Forward multiply-accumulates: (layer weights, attention scores and values, heads)."""
     b, l = _shape(batch["inputs"])
     d, v, hd, h = cfg.d_model, cfg.vocab_size, cfg.dim_per_head, cfg.num_heads
@@ -75,7 +78,7 @@ def _macs(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> tuple[float,
     if task == "lm":
         head = b * l * d * v
     elif task == "mlm":
-        head = b * l * (d * d + d * v)  # transform + unembedding, every position
+        head = b * (head_positions or l) * (d * d + d * v)  # transform + unembedding where the head runs
     else:
         head = b * (d * d + d * cfg.num_classes)  # pooler + classifier, first token
     return weights, attn, head

@@ -32,7 +32,7 @@ from transformer_jax.parallel.partition import check_divisible, logical_sharding
 from transformer_jax.parallel.rules import Rules
 from transformer_jax.train.flops import train_flops
 from transformer_jax.train.losses import (SUMS, TaskConfig, batch_loss_sums, check_mlm_batch, init_inputs,
-                                         model_inputs)
+                                         mlm_predictions, model_inputs)
 from transformer_jax.train.optim import OptimizerConfig, frozen_mask, make_optimizer, make_schedule
 from transformer_jax.train.state import TrainState
 
@@ -135,7 +135,9 @@ class TrainSetup:
 
     def flops_per_step(self, batch: Any) -> float:
         """Model training FLOPs of one step on `batch` (see train/flops.py for the convention)."""
-        return train_flops(self.model_cfg, self.task_cfg.task, batch)
+        length = batch["inputs"].shape[1]
+        head = mlm_predictions(self.task_cfg, length) if self.task_cfg.task == "mlm" else 0
+        return train_flops(self.model_cfg, self.task_cfg.task, batch, head or None)
 
     # -- traced ---------------------------------------------------------------------------
     def _boxed_init(self) -> TrainState:
