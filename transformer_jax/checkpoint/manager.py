@@ -150,6 +150,16 @@ def _read_tree(directory: Path) -> dict[str, bytes]:
     return files
 
 
+def _use_coordination_service_barriers() -> None:
+    """orbax's barriers through JAX's coordination service instead of its default, a jitted
+    all-device collective: run from orbax's background commit thread, that collective interleaves
+    with the train step's own (gloo on CPU aborted with "Received data size doesn't match")."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
 class Checkpointer:
     """Saves and restores training checkpoints in `directory` (see the module docstring).
 
@@ -166,6 +176,8 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self._tokenizer_files = _read_tree(Path(tokenizer_dir)) if tokenizer_dir is not None else {}
         self._pending_step: int | None = None
+        if jax.process_count() > 1:
+            _use_coordination_service_barriers()
         policy: ocm.PreservationPolicy = ocm.LatestN(self.config.keep_last)
         if self.config.keep_every:
             policy = ocm.AnyPreservationPolicy([policy, ocm.EveryNSteps(self.config.keep_every)])

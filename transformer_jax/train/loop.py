@@ -286,7 +286,7 @@ def _final_report(run: Run, state, writer: MetricsWriter, tokens_seen: int, elap
                                        eval_batches=cfg.train.eval_batches), kind="eval")
     unit = _TARGETS[cfg.task.task][:-1]  # loss per target: nats/token, nats/masked token, nats/example
     lines = [f"validation: loss {ev['loss']:.4f} nats/{unit}, accuracy {ev['accuracy']:.4f}"]
-    stopped = stop.check()
+    stopped = stop.check(budget=False)  # a budget that ended training still gets its report
     if stopped is not None:
         lines.append(f"{stopped} during the final report; the rest of it is skipped")
     elif "bits_per_byte" in ev:

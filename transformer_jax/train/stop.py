@@ -46,10 +46,11 @@ class StopControl:
         """Whether the trainer checks after `step`: every step with one process, else at log boundaries."""
         return not self.multi or step % log_every == 0
 
-    def check(self) -> str | None:
-        """Why to stop, agreed by all processes (a collective when there are several)."""
+    def check(self, *, budget: bool = True) -> str | None:
+        """Why to stop, agreed by all processes (a collective when there are several). `budget=False`:
+        signals and requests only (the final report runs past the wall-clock budget that ended training)."""
         sig = self.guard.received or (-1 if self.guard.should_stop else 0)  # -1: request_stop()
-        late = jax.process_index() == 0 and self.deadline is not None and time.time() > self.deadline
+        late = budget and jax.process_index() == 0 and self.deadline is not None and time.time() > self.deadline
         votes = np.asarray([[sig, int(late)]], np.int32)
         if self.multi:
             from jax.experimental import multihost_utils
