@@ -40,29 +40,22 @@ Before the decode graph was unrolled (2026-11-29, stacked cache scanned as xs/ys
 quieter machine), jax cache ran 16.6 ms/step at batch 1 and 46.8 at batch 8 against HF's 16.7 and
 30.8, and its step grew with the cache (28.6 ms over a 161-slot cache, 42-47 over 288 at batch 8).
 
-Measured on 2026-12-02 on a heavily loaded 2-core AMD EPYC (load average 13-18 from other jobs),
-jax 0.10.2, torch 2.13.0+cpu (2 threads), transformers 5.24.0, bench model f32, prompt 32, by
-`benchmarks/decode.py --new-tokens 64 --no-cache-tokens 2` (batch 1 and 8; stopped before
-batch 32) and `--batch 32 --new-tokens 16 --no-cache-tokens 1 --repeats 2` (batch 32 and the
-cache-fill table). Under that load torch's two threads got far less CPU than XLA's (CPU s), so
-the wall-clock "x hf" overstates what a quiet machine shows; the CPU-seconds ratio is the
-steadier figure:
+Measured on 2026-12-02 on a quiet 2-core AMD EPYC (load average 1.1-1.9, nothing else running),
+jax 0.10.2, torch 2.13.0+cpu (2 threads), transformers 5.24.0, bench model f32, prompt 32, one run,
+medians of 3 interleaved calls, by `benchmarks/decode.py --new-tokens 64 --no-cache-tokens 2`:
 
-| impl | cache | batch | new tokens | median s | CPU s | ms/step | x hf (wall) | x hf (CPU s) |
+| impl | cache | batch | new tokens | median s | CPU s | ms/step | tokens/s | x hf |
 |---|---|---|---|---|---|---|---|---|
-| jax | yes | 1 | 64 | 4.29 | 0.77 | 67.1 | 13.9 | 12.4 |
-| hf | yes | 1 | 64 | 59.45 | 9.57 | 928.9 | 1.00 | 1.00 |
-| jax | yes | 8 | 64 | 9.00 | 2.25 | 140.6 | 16.2 | 12.8 |
-| hf | yes | 8 | 64 | 145.71 | 28.79 | 2276.8 | 1.00 | 1.00 |
-| jax | yes | 32 | 16 | 5.45 | 1.95 | 340.7 | 6.4 | 6.9 |
-| hf | yes | 32 | 16 | 34.86 | 13.45 | 2178.7 | 1.00 | 1.00 |
+| jax | yes | 1 | 64 | 0.61 | 0.97 | 9.6 | 105 | 2.12 |
+| hf | yes | 1 | 64 | 1.29 | 2.42 | 20.2 | 49 | 1.00 |
+| jax | yes | 8 | 64 | 1.15 | 2.12 | 18.0 | 445 | 1.67 |
+| hf | yes | 8 | 64 | 1.92 | 3.80 | 30.0 | 267 | 1.00 |
+| jax | yes | 32 | 64 | 2.75 | 4.99 | 43.0 | 744 | 1.20 |
+| hf | yes | 32 | 64 | 3.31 | 6.59 | 51.8 | 618 | 1.00 |
 
-JAX's greedy tokens with and without the cache were equal at every batch size (asserted); HF's
-equal ours at batch 32 (16 tokens x 32 rows; the batch 1/8 run stopped before printing its notes).
-Cache fill at batch 8 (prompt 16 or 272, then 16 tokens; two repeats on that loaded machine, so
-the noise is larger than any effect): jax 106.7 ms/step with a 32-slot cache, 47.2 with a
-288-slot one; hf 1180.1 and 938.0. The long cache is not slower; tests/test_decode.py checks the
-structural reason (no copy or transpose of a layer's whole cache in the compiled loop).
+Greedy tokens: JAX with and without the cache and HF's are all equal (64 tokens x 1, 8, 32 rows).
+Cache fill at batch 8 (prompt 16 or 272, then 16 tokens): jax 16.4 ms/step with a 32-slot cache,
+20.1 with a 288-slot one (1.23x); hf 35.1 and 44.6 (1.27x).
 """
 from __future__ import annotations
 
