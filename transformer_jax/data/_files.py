@@ -11,7 +11,7 @@ import tempfile
 
 @contextlib.contextmanager
 def locked(path: str):
-    """Holds an exclusive flock on `path + '.lock'` (processes sharing a cache build once)."""
+    """Holds an exclusive fcntl lock on `path + '.lock'` (processes sharing a cache build once)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
