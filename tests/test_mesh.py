@@ -61,6 +61,8 @@ def test_size_errors_are_one_line(sizes, devices, message):
                                   r"shards it \(tp, dp_tp, fsdp_tp\)$"),
     (dict(coordinator_address="10.0.0.1:1234"), r"^mesh.coordinator_address, mesh.num_processes and "
                                                 r"mesh.process_id go together"),
+    (dict(heartbeat_timeout_s=1), r"^mesh.heartbeat_timeout_s=1 is too short; use 2 s or more \(JAX's default is "
+                                  r"100\)$"),
 ])
 def test_config_errors_are_one_line(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -93,11 +95,15 @@ def test_distributed_environment_detection(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert mesh_lib._distributed_env() is None
     assert mesh_lib.maybe_initialize_distributed(MeshConfig()) is False  # one process: nothing to do
+    assert not mesh_lib.distributed_requested(MeshConfig())
+    assert mesh_lib.distributed_requested(MeshConfig(coordinator_address="h:1", num_processes=2, process_id=0))
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert mesh_lib._distributed_env() is None  # a one-task SLURM job is a single process
     monkeypatch.setenv("SLURM_NTASKS", "4")
     assert mesh_lib._distributed_env() == "slurm"
+    assert mesh_lib.distributed_requested(MeshConfig())
+    assert not mesh_lib.distributed_requested(MeshConfig(distributed="off"))
     monkeypatch.delenv("SLURM_JOB_ID")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-0,t1k-1")
     assert mesh_lib._distributed_env() == "tpu"
@@ -189,4 +195,5 @@ def test_slurm_initialize_gets_the_layouts_device_ids(monkeypatch):
     assert mesh_lib.maybe_initialize_distributed(MeshConfig()) is True
     explicit = MeshConfig(coordinator_address="gpu1:1234", num_processes=2, process_id=1)
     assert mesh_lib.maybe_initialize_distributed(explicit) is True  # an explicit coordinator, still under SLURM
-    assert calls == [((), {"local_device_ids": expected}), (("gpu1:1234", 2, 1), {"local_device_ids": expected})]
+    assert calls == [((), {"local_device_ids": expected, "heartbeat_timeout_seconds": 100}),
+                     (("gpu1:1234", 2, 1), {"local_device_ids": expected, "heartbeat_timeout_seconds": 100})]

@@ -62,7 +62,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    from transformer_jax import supervise
+    if supervise.supervised():
+        supervise.child_started()
     _quiet_libraries()
     from transformer_jax.checkpoint import CheckpointIntegrityError
     from transformer_jax.config import ConfigError
@@ -87,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             _check_init_from(cfg.init_from, workdir)
             _make_workdir(workdir)
+            from transformer_jax.parallel.mesh import distributed_requested
+            if distributed_requested(cfg.mesh) and not supervise.supervised():  # see supervise.py
+                return supervise.supervise([sys.executable, "-m", "transformer_jax", *argv],
+                                           f"restart the job to resume from {workdir / 'checkpoints'}")
             from transformer_jax.train.loop import train
             train(cfg, workdir)
         elif args.command == "eval":

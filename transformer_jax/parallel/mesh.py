@@ -42,6 +42,10 @@ class MeshConfig(Config):
     coordinator_address: str | None = None  # "host:port" of process 0
     num_processes: int | None = None
     process_id: int | None = None
+    # A process that sends no heartbeat for this long is dead: JAX's runtime then ends the
+    # others (the trainer's parent says so in one line, train/supervise.py). Bounds how long
+    # a hung host holds the job.
+    heartbeat_timeout_s: int = 100
 
     def validate(self) -> None:
         sizes = self.sizes
@@ -61,6 +65,9 @@ class MeshConfig(Config):
         if any(x is not None for x in explicit) and not all(x is not None for x in explicit):
             raise ConfigError("mesh.coordinator_address, mesh.num_processes and mesh.process_id go together; "
                               "set all three or none (none: auto-detect TPU/SLURM)")
+        if self.heartbeat_timeout_s < 2:
+            raise ConfigError(f"mesh.heartbeat_timeout_s={self.heartbeat_timeout_s} is too short; use 2 s or more "
+                              "(JAX's default is 100)")
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -226,6 +233,12 @@ def _already_initialized() -> bool:
     return distributed.global_state.client is not None
 
 
+def distributed_requested(cfg: MeshConfig) -> bool:
+    """Whether `maybe_initialize_distributed(cfg)` would start a multi-process job (touches no device)."""
+    return cfg.distributed != "off" and (cfg.coordinator_address is not None or _env_triple() is not None
+                                         or _distributed_env() is not None)
+
+
 def maybe_initialize_distributed(cfg: MeshConfig) -> bool:
     """Calls `jax.distributed.initialize` when the config or the environment asks for it.
 
@@ -242,15 +255,24 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> bool:
     if explicit is not None:
         local_device_ids = local_device_ids_for_slurm(os.environ)
         log.info("jax.distributed.initialize(%s, %d, %d, local_device_ids=%s)", *explicit, local_device_ids)
-        jax.distributed.initialize(*explicit, local_device_ids=local_device_ids)
+        jax.distributed.initialize(*explicit, local_device_ids=local_device_ids,
+                                   heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+        _tell_parent()
         return True
     env = _distributed_env()
     if env is None:
         return False
     local_device_ids = local_device_ids_for_slurm(os.environ) if env == "slurm" else None
     log.info("jax.distributed.initialize(local_device_ids=%s) for a %s job", local_device_ids, env)
-    jax.distributed.initialize(local_device_ids=local_device_ids)  # jax reads the rest from the environment
+    # jax reads the rest from the environment
+    jax.distributed.initialize(local_device_ids=local_device_ids, heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+    _tell_parent()
     return True
+
+
+def _tell_parent() -> None:
+    from transformer_jax import supervise  # the trainer's parent names this process if JAX aborts it
+    supervise.tell_parent(jax.process_index(), jax.process_count())
 
 
 def describe_mesh(mesh: Mesh) -> str:

@@ -18,7 +18,9 @@ local and free, and the trainer checks every step.
 next collective fail (gloo: "Connection reset by peer"). If a peer is gone, this prints one
 line naming it and exits with status 1 at once, instead of a traceback followed by JAX's
 shutdown barrier, which would wait for the dead process until the heartbeat timeout
-(`jax.distributed.initialize(heartbeat_timeout_seconds=100)`) and then abort.
+(`mesh.heartbeat_timeout_s`) and then abort. JAX's runtime may abort this process first
+(a dead coordinator, a missed heartbeat): then the trainer's parent says so in one line
+(`transformer_jax/supervise.py`).
 """
 from __future__ import annotations
 
