@@ -17,8 +17,10 @@ _CHILD = textwrap.dedent("""
     from transformer_jax import supervise
     assert supervise.supervised()
     supervise.child_started()
-    supervise.tell_parent(1, 2)
     what = sys.argv[1]
+    if what == "oom":                  # killed before jax.distributed.initialize: no place to tell
+        os.kill(os.getpid(), signal.SIGKILL)
+    supervise.tell_parent(1, 2)
     if what == "abort":
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         os.abort()                     # what JAX's runtime does to a survivor
@@ -49,11 +51,20 @@ def _parent(what: str, **kw) -> subprocess.Popen:
 
 
 def test_a_child_ended_by_a_signal_becomes_one_line_and_status_1():
-    out, err = _parent("abort").communicate(timeout=60)
+    p = _parent("abort")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1
     errors = [line for line in err.splitlines() if line.startswith("transformer-jax: error:")]
     assert errors == ["transformer-jax: error: process 1 of 2 ended by SIGABRT: JAX's distributed runtime ended it: "
                       "another process died or stopped responding, or the coordinator (process 0) is gone (JAX's "
                       "log above names it); restart the job"], err
+
+
+def test_a_child_killed_before_it_knew_its_place():
+    p = _parent("oom")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and err.strip() == ("transformer-jax: error: the trainer ended by SIGKILL: killed from "
+                                                 "outside (out of memory?); restart the job"), err
 
 
 def test_a_childs_own_exit_passes_through():

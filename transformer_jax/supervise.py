@@ -45,12 +45,16 @@ def supervise(cmd: list[str], what: str) -> int:
     old_term = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with os.fdopen(read) as pipe:
-            told = pipe.read()  # until the child exits (or closes its end)
         rc = child.wait()
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
+    os.set_blocking(read, False)  # what the child wrote is in the pipe; a process it forked may hold it open
+    try:
+        told = os.read(read, 1 << 16).decode()
+    except BlockingIOError:
+        told = ""
+    os.close(read)
     if rc >= 0:
         return rc
     me = json.loads(told) if told.strip() else None
