@@ -1,7 +1,8 @@
 """Two processes of 4 CPU devices each (gloo collectives) train on one 8-device mesh whose
 `data` axis spans them, each feeding only its own rows, and get one process's losses. Then
 the trainer through the CLI under SLURM variables and the JAX_* triple: SIGTERM to one
-process, a wall-clock budget, SIGKILL of one process, resume on 1 process x 8 devices."""
+process, a wall-clock budget, resume on 1 process x 8 devices; a killed process, a killed
+coordinator and a stopped (hung) process, each ending the other in one line, then a resume."""
 import json
 import os
 import re
