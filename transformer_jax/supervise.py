@@ -1,13 +1,14 @@
 """A multi-process run's trainer runs in a child process, so that every way it can die ends in one line.
 
-When another process of a job dies or hangs, JAX's distributed runtime ends this one by
-itself, from a C++ thread, with `abort()` (exit by SIGABRT and JAX's multi-line log):
-at once when the coordinator (process 0) is gone (its error poll fails), after
-`mesh.heartbeat_timeout_s` when a process stops sending heartbeats (killed, or stopped:
-a hung host). No Python code runs then (its callback hook, `missed_heartbeat_callback`,
-cannot even be called from Python in jaxlib 0.10: the status it passes has no Python
-type), and no heartbeat setting helps for a dead coordinator. So `transformer-jax train`
-in a multi-process job runs the trainer as a child and waits:
+When another process of a job dies or hangs, JAX's runtime often ends this one by itself,
+from a C++ thread, with `abort()` (exit by SIGABRT and a multi-line log): its coordination
+service at once when the coordinator (process 0) is gone (the error poll fails) and after
+`mesh.heartbeat_timeout_s` when a process stops sending heartbeats (killed, or stopped: a
+hung host); gloo (CPU collectives) when a peer's socket closes mid-message. No Python
+code runs then (the client's hook `missed_heartbeat_callback` cannot even be called from
+Python in jaxlib 0.10: the status it passes has no Python type, std::bad_cast), and no
+heartbeat setting helps for a dead coordinator or gloo. So `transformer-jax train` in a
+multi-process job runs the trainer as a child and waits:
 
 - the child exits by itself (0; 2 with its one line for bad input; 1 with the trainer's
   own line when a collective failed on a dead peer, `train/stop.py`): that status;
@@ -60,8 +61,8 @@ def supervise(cmd: list[str], what: str) -> int:
     me = json.loads(told) if told.strip() else None
     who = f"process {me['process']} of {me['processes']}" if me else "the trainer"
     name = signal.Signals(-rc).name
-    why = {signal.SIGABRT: "JAX's distributed runtime ended it: another process died or stopped responding, or the "
-                           "coordinator (process 0) is gone (JAX's log above names it)",
+    why = {signal.SIGABRT: "JAX's runtime aborted it, as it does when another process of the job dies or stops "
+                           "responding (its log above has the details)",
            signal.SIGKILL: "killed from outside (out of memory?)"}.get(signal.Signals(-rc), "killed")
     print(f"\ntransformer-jax: error: {who} ended by {name}: {why}; {what}", file=sys.stderr, flush=True)
     return 1
