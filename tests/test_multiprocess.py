@@ -243,7 +243,7 @@ def test_wall_clock_budget_stops_both_processes_at_the_same_step(cli_env, tmp_pa
 # test_train_stop.py). Killed while both train, at step 6, with checkpoint 4's commit behind them.
 FAULTS = {("SIGKILL", 1): r"(process 1 of 2 stopped responding|process 0 of 2 ended by SIGABRT)",
           ("SIGKILL", 0): r"(process 0 \(the coordinator\) is unreachable|process 1 of 2 ended by SIGABRT)",
-          ("SIGSTOP", 1): r"process 0 of 2 ended by SIGABRT"}
+          ("SIGSTOP", 1): r"(process 1 of 2 stopped responding|process 0 of 2 ended by SIGABRT)"}
 HEARTBEAT_S = 15
 
 
