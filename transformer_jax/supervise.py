@@ -60,10 +60,13 @@ def supervise(cmd: list[str], what: str) -> int:
         return rc
     me = json.loads(told) if told.strip() else None
     who = f"process {me['process']} of {me['processes']}" if me else "the trainer"
-    name = signal.Signals(-rc).name
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:  # a real-time signal
+        name = f"signal {-rc}"
     why = {signal.SIGABRT: "JAX's runtime aborted it, as it does when another process of the job dies or stops "
                            "responding (its log above has the details)",
-           signal.SIGKILL: "killed from outside (out of memory?)"}.get(signal.Signals(-rc), "killed")
+           signal.SIGKILL: "killed from outside (out of memory?)"}.get(-rc, "killed")
     print(f"\ntransformer-jax: error: {who} ended by {name}: {why}; {what}", file=sys.stderr, flush=True)
     return 1
 
