@@ -7,8 +7,9 @@
 
 Prompts of different lengths are left-padded into one batch: padding has segment id 0, so
 no row attends to it, and positions restart at each row's first real token, so a row decodes
-exactly as it would alone. One jitted prefill runs the prompts; a `lax.while_loop` then
-decodes a token per iteration until every row hit EOS or `max_new_tokens`.
+exactly as it would alone. One jitted prefill runs the prompts (only each row's last position
+goes through the output layer: [B, V] logits, not [B, P, V]); a `lax.while_loop` then decodes a
+token per iteration until every row hit EOS or `max_new_tokens`.
 
 Decoding runs the layers unrolled (`decoding_model`): a model trained with `nn.scan` over
 layers has its stacked params sliced per layer inside the jitted call. Scanned, every layer's
