@@ -147,9 +147,10 @@ def test_decoding_on_a_mesh_equals_one_device(lm):
 
 
 def test_generate_compiles_once_and_updates_the_cache_in_place(lm):
-    """A second call of the same shapes reuses the compiled loop (no host trace), and the
-    compiled loop neither copies nor transposes a layer's whole KV cache [B, K, S, D]: each
-    step writes its token's keys/values into the carried buffer."""
+    """A second call of the same shapes reuses the compiled loop (no host trace), the
+    compiled loop neither copies nor transposes a layer's whole KV cache [B, K, S, D] (each
+    step writes its token's keys/values into the carried buffer), and the prefill projects
+    only each row's last position onto the vocabulary."""
     model, params = lm
     decode.generate(model, params, [[5, 6, 7], [8, 9]], max_new_tokens=34)
     compiled = decode._generate._cache_size()
@@ -165,6 +166,9 @@ def test_generate_compiles_once_and_updates_the_cache_in_place(lm):
              if (m := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) (\w+)\(", line)) and m[2].startswith(cache)
              and ("transpose" in m[1] or m[3] in ("copy", "transpose"))]
     assert not moves, moves[:3]
+    v = model.config.vocab_size
+    assert f"f32[2,{v}]" in hlo  # the last position's logits, batch 2
+    assert f"f32[6,{v}]" not in hlo and f"f32[2,3,{v}]" not in hlo  # not all 3 prompt positions
 
 
 def test_bf16_decoding_runs_batched_and_starts_with_the_forward_argmax():

@@ -7,8 +7,9 @@
 
 Prompts of different lengths are left-padded into one batch: padding has segment id 0, so
 no row attends to it, and positions restart at each row's first real token, so a row decodes
-exactly as it would alone. One jitted prefill runs the prompts; a `lax.while_loop` then
-decodes a token per iteration until every row hit EOS or `max_new_tokens`.
+exactly as it would alone. One jitted prefill runs the prompts (only each row's last position
+goes through the output layer: [B, V] logits, not [B, P, V]); a `lax.while_loop` then decodes a
+token per iteration until every row hit EOS or `max_new_tokens`.
 
 Decoding runs the layers unrolled (`decoding_model`): a model trained with `nn.scan` over
 layers has its stacked params sliced per layer inside the jitted call. Scanned, every layer's
@@ -132,15 +133,26 @@ def unstack_layers(params, num_layers: int | None = None):
 
 # -- the decode loop --------------------------------------------------------------------
 
+def _last_position_logits(next_fun, args, kwargs, context):
+    """A flax interceptor: `Embedder.logits` sees only the last position's hidden state, so a
+    prefill of P tokens projects one row per sequence onto the vocabulary instead of P."""
+    from transformer_jax.models.embedder import Embedder
+    if isinstance(context.module, Embedder) and context.method_name == "logits":
+        args = (args[0][:, -1:],) + tuple(args[1:])
+    return next_fun(*args, **kwargs)
+
+
 def _decoder_apply(model, params, cache, tokens, seg, pos, encoded, encoded_seg):
-    """Logits [B, L, V] and the new cache, for either family."""
-    if encoded is None:
-        logits, mut = model.apply({"params": params, "cache": cache}, tokens, segment_ids=seg, positions=pos,
-                                  decode=True, mutable=["cache"])
-    else:
-        logits, mut = model.apply({"params": params, "cache": cache}, encoded, tokens,
-                                  encoded_segment_ids=encoded_seg, segment_ids=seg, positions=pos, decode=True,
-                                  method="decode", mutable=["cache"])
+    """Logits [B, 1, V] of the last position and the new cache, for either family."""
+    import flax.linen as nn
+    with nn.intercept_methods(_last_position_logits):
+        if encoded is None:
+            logits, mut = model.apply({"params": params, "cache": cache}, tokens, segment_ids=seg, positions=pos,
+                                      decode=True, mutable=["cache"])
+        else:
+            logits, mut = model.apply({"params": params, "cache": cache}, encoded, tokens,
+                                      encoded_segment_ids=encoded_seg, segment_ids=seg, positions=pos, decode=True,
+                                      method="decode", mutable=["cache"])
     return logits, mut["cache"]
 
 
