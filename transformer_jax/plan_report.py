@@ -72,6 +72,7 @@ def format_plan(r: dict) -> str:
         f"  comm      {1e3 * p['comm_exposed_s']:10.2f} ms   collectives not hidden behind compute "
         f"(of {1e3 * p['comm_s']:.2f} ms: ring link bytes / interconnect bandwidth)",
         f"  step      {1e3 * p['step_s']:10.2f} ms   = compute + memory + comm",
+        *_calibration_lines(p.get("calibration")),
         f"  MFU       {100 * p['mfu']:9.1f} %    tokens/s/chip {p['tokens_per_s_per_chip']:,.0f}   [1]",
         "",
         f"  [1] bounds: {1e3 * p['step_fast_s']:.2f} ms (everything overlapped at full peak: MFU "
@@ -93,6 +94,17 @@ def format_plan(r: dict) -> str:
     if r["notes"]:
         lines += ["", "notes:"] + [f"  - {x}" for x in r["notes"]]
     return "\n".join(lines)
+
+
+def _calibration_lines(c: dict | None) -> list[str]:
+    """What the CPU prediction was calibrated with (transformer_jax/plan_cpu.py)."""
+    if not c:
+        return []
+    comm = ", ".join(f"{k}: {1e6 * lat:.0f} us + {1e-9 / s:.1f} GB/s" if s else f"{k}: {1e6 * lat:.0f} us"
+                     for k, (lat, s) in c["collectives"].items())
+    return [f"            timed on this host: the step's matmuls alone {c['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; "
+            f"other ops {1e6 * c['op_s']:.1f} us + bytes at {c['bandwidth'] / 1e9:.1f} GB/s"
+            + (f"; collectives (kind, group) {comm}" if comm else "")]
 
 
 def _product(mesh: str, axes) -> int:
