@@ -59,6 +59,8 @@ def test_plan_on_cpu_predicts_one_step_from_the_timings(cal):
     assert p["step_s"] == pytest.approx(m["cpu"]["step_s"]) and p["comm_exposed_s"] == m["cpu"]["comm_s"]
     assert p["efficiency"] == pytest.approx(p["calibration"]["matmul_flops_per_s"] / chip.peak_flops)
     assert p["mfu"] == pytest.approx(1e6 / chip.peak_flops / p["step_s"])
+    # the footnote's range: the timed parts all overlapped .. none overlapped (the prediction: XLA:CPU overlaps none)
+    assert p["step_fast_s"] == max(p["compute_s"], p["memory_s"], p["comm_s"]) and p["step_slow_s"] == p["step_s"]
     m.update(params=1e6, param_bytes=4e6, opt_bytes=8e6, batch_bytes=1e3, mesh="data=8 x fsdp=1 x tensor=1",
              preset="dp", compiled_layers=[2])
     text = format_plan(dict(name="x", devices=8, tokens=512, batch=8, seq_len=64, notes=[], suggestion=None,

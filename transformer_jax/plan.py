@@ -240,6 +240,8 @@ def predict(m: dict, chip, devices: int, tokens: int) -> dict:
     fast = max(flops / chip.peak_flops, live / bw, comm_s)
     slow = sum(t * max(f * scale / chip.peak_flops, b / bw) for t, f, b in m["ops"]) + comm_s
     slow = max(slow, step)
+    if calibration is not None:  # timed parts: all overlapped .. none (XLA:CPU overlaps none)
+        fast, slow = max(compute, memory, comm_s), step
     per_device = m["model_flops"] / devices
     usable = chip.usable_fraction * chip.hbm_bytes
     return dict(chip=chip.name, chip_source=chip.source, efficiency=efficiency, calibration=calibration,
