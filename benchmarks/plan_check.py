@@ -9,6 +9,11 @@ executable (transformer_jax/plan.py) and the step is run on real arrays. Rounds 
 timed step with one round of plan_cpu.py's timings of the step's parts (its matmuls alone,
 an elementwise chain, its collectives), so that both see the same load; the table gives
 medians over the rounds. error = predicted / measured - 1.
+
+Measured on a 2-core host under heavy load from other jobs (load average ~25; the absolute
+times are inflated ~10x, 27 min wall): 1 device +5%, -4%, -8%; 8 devices -59%, -59%, -49%
+(the 8-device steps took as long as the 1-device ones, while their parts, timed alone on
+the 8 devices at once, ran ~2x faster per host). Not yet checked on a quiet host.
 """
 from __future__ import annotations
 
