@@ -208,6 +208,10 @@ def test_hlo_reader_counts_loops_groups_and_sliced_all_reduces():
     # the all-reduce tuple: element 0 is only sliced (-> reduce-scatter), element 1 is used whole
     assert s.sliced_all_reduces == 1
     assert s.collectives["reduce-scatter"].operand_bytes == 64 and s.collectives["all-reduce"].operand_bytes == 64
+    # what plan_cpu.py times: each distinct dot and each collective as emitted, with executions per step
+    assert s.dots == {"f32[64,32]{1,0};f32[32,32]{1,0};lhs_contracting_dims={1},rhs_contracting_dims={0};"
+                      "f32[64,32]{1,0}": 3}
+    assert s.collective_ops == {"all-gather 4 8192": 3, "all-reduce 4 128": 1}  # the sliced one stays an all-reduce
     assert s.collectives["all-reduce"].link_bytes == 2 * 64 * 3 / 4
     unknown = analyze_hlo(HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', ""), 8)
     assert unknown.loops == {"body": 5}  # from the condition's compare(i, 5)

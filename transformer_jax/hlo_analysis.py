@@ -89,6 +89,11 @@ class HloStats:
     unknown_loops: list[str] = dataclasses.field(default_factory=list)
     sliced_all_reduces: int = 0  # all-reduce elements counted as reduce-scatter
     kernel_bytes: float = 0.0  # bytes of ops inside blockwise-attention loops, left out of hbm_bytes
+    # For timing them on the host (plan_cpu.py): executions per step of each distinct matmul
+    # (dot_signature) and of each collective as emitted ("kind n bytes": an all-reduce that is
+    # only sliced stays an all-reduce here, which is what XLA:CPU runs).
+    dots: dict[str, float] = dataclasses.field(default_factory=dict)
+    collective_ops: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def roofline_seconds(self, peak_flops: float, hbm_bandwidth: float) -> float:
         """Sum over top-level ops of max(flops / peak, bytes / bandwidth)."""
@@ -315,15 +320,28 @@ def _dot_flops(instr: Instr, comp: Computation) -> float:
     return 2.0 * math.prod(shape_dims(instr.shape)) * k
 
 
-def _flops_inside(comp: Computation, comps, seen: int = 0) -> float:
-    total = 0.0
+def dot_signature(instr: Instr, comp: Computation) -> str:
+    """'lhs shape;rhs shape;dimension numbers;result shape' of a dot, layouts included: what
+    plan_cpu.py needs to run the same matmul alone."""
+    shapes = [comp.by_name[o].shape if o in comp.by_name else "" for o in instr.operands[:2]]
+    dims = ",".join(re.findall(r"\b(?:lhs|rhs)_(?:batch|contracting)_dims=\{[\d,]*\}", instr.attrs))
+    return ";".join([*shapes, dims, instr.shape])
+
+
+def _dots_inside(comp: Computation, comps, seen: int = 0) -> list[tuple[float, str]]:
+    """(FLOPs, signature) of the dots in a computation, nested fusions included."""
+    out = []
     for i in comp.instrs:
         if i.opcode == "dot":
-            total += _dot_flops(i, comp)
+            out.append((_dot_flops(i, comp), dot_signature(i, comp)))
         elif i.opcode == "fusion" and seen < 8:
             callee = comps.get((_attr_comps(i.attrs, "calls") or [""])[0])
-            total += _flops_inside(callee, comps, seen + 1) if callee else 0.0
-    return total
+            out += _dots_inside(callee, comps, seen + 1) if callee else []
+    return out
+
+
+def _flops_inside(comp: Computation, comps, seen: int = 0) -> float:
+    return sum(f for f, _ in _dots_inside(comp, comps, seen))
 
 
 def analyze_hlo(text: str, num_devices: int = 1) -> HloStats:
@@ -357,7 +375,11 @@ def analyze_hlo(text: str, num_devices: int = 1) -> HloStats:
             if op in _FREE or op.endswith("-done") or op.endswith("-start"):
                 continue
             fused = comps.get((_attr_comps(instr.attrs, "calls") or [""])[0]) if op == "fusion" else None
-            flops = _dot_flops(instr, comp) if op == "dot" else (_flops_inside(fused, comps) if fused else 0.0)
+            dots = [(_dot_flops(instr, comp), dot_signature(instr, comp))] if op == "dot" else (
+                _dots_inside(fused, comps) if fused else [])
+            flops = sum(f for f, _ in dots)
+            for _, sig in dots:
+                stats.dots[sig] = stats.dots.get(sig, 0.0) + times
             meta = re.search(r'op_name="([^"]*)"', instr.attrs)
             op_name = meta.group(1) if meta else ""
             nbytes = _fusion_bytes(instr, comp, fused)
@@ -377,6 +399,8 @@ def _collective(stats: HloStats, comp: Computation, instr: Instr, kind: str, tim
                 num_devices: int) -> None:
     n = max(group_size(instr.attrs, num_devices), 1)
     shapes = [comp.by_name[o].shape for o in instr.operands if o in comp.by_name]
+    emitted = f"{kind} {n} {sum(map(shape_bytes, shapes)):.0f}"
+    stats.collective_ops[emitted] = stats.collective_ops.get(emitted, 0.0) + times
     if kind != "all-reduce":
         s = sum(map(shape_bytes, shapes))
         link = {"all-gather": s * (n - 1), "reduce-scatter": s * (n - 1) / n,

@@ -22,7 +22,9 @@ loop trip counts applied), and one predicted step time for the chip (train/hardw
     step    = compute + memory + comm
 
 `efficiency` is the fraction of peak the step's matmuls reach (hardware.py: assumed 0.8 on
-accelerators, calibrated on CPU). Ops are those of XLA:CPU's fusion, coarser than TPU/GPU's
+accelerators). With `--chip cpu` (this host) the three terms are instead timed: the step's
+own matmuls, an elementwise chain and its collectives, each alone on the mesh's devices
+(transformer_jax/plan_cpu.py; benchmarks/plan_check.py compares the sum with measured steps). Ops are those of XLA:CPU's fusion, coarser than TPU/GPU's
 (and bf16 converted to f32 around elementwise ops), so `memory` leans high off CPU. A
 footnote gives the bounds: everything overlapped at full peak (roofline) and nothing
 overlapped at full peak.
@@ -98,21 +100,28 @@ def abstract_batch(cfg) -> dict:
     return {k: jax.ShapeDtypeStruct((t.global_batch_size, *v.shape[1:]), v.dtype) for k, v in one.items()}
 
 
-def _compile_once(cfg, devices: int) -> dict:
+def train_setup(cfg, devices: int):
+    """The TrainSetup of `cfg` on this process's first `devices` devices."""
     import jax
-    from transformer_jax.collectives import textbook_bytes
-    from transformer_jax.hlo_analysis import analyze_hlo
-    from transformer_jax.train.flops import remat_flops
     from transformer_jax.parallel import check_batch, get_rules, make_mesh
     from transformer_jax.train import make_train_setup
 
     mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
     check_batch(cfg.train.global_batch_size, mesh, cfg.optimizer.grad_accum_steps)
     try:
-        setup = make_train_setup(cfg.model, cfg.optimizer, cfg.task, mesh, get_rules(cfg.mesh.preset),
-                                 total_steps=cfg.train.steps, seed=cfg.train.seed)
+        return make_train_setup(cfg.model, cfg.optimizer, cfg.task, mesh, get_rules(cfg.mesh.preset),
+                                total_steps=cfg.train.steps, seed=cfg.train.seed)
     except ValueError as e:  # indivisible dimensions: one line already
         raise ConfigError(str(e)) from None
+
+
+def _compile_once(cfg, devices: int, setup=None) -> dict:
+    import jax
+    from transformer_jax.collectives import textbook_bytes
+    from transformer_jax.hlo_analysis import analyze_hlo
+    from transformer_jax.train.flops import remat_flops
+
+    setup = setup or train_setup(cfg, devices)
     batch = abstract_batch(cfg)
     compiled = setup.compiled_train_step(batch)
     mem = compiled.memory_analysis()
@@ -130,7 +139,7 @@ def _compile_once(cfg, devices: int) -> dict:
         alias_bytes=float(mem.alias_size_in_bytes), temp_bytes=float(mem.temp_size_in_bytes),
         model_flops=float(setup.flops_per_step(batch)), dot_flops=hlo.dot_flops, hbm_bytes=hlo.hbm_bytes,
         remat_flops=remat_flops(cfg.model, cfg.task.task, batch),
-        ops=_compact_ops(hlo.ops), unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
+        ops=_compact_ops(hlo.ops), dots=hlo.dots, collective_ops=hlo.collective_ops, unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
         collectives={k: dataclasses.asdict(v) for k, v in hlo.collectives.items()},
         textbook=textbook_bytes(setup, batch),
         mesh=_mesh_str(mesh_cfg_of(cfg, devices)), preset=cfg.mesh.preset)
@@ -150,12 +159,13 @@ def _compact_ops(ops) -> list[list[float]]:
     return [[t, f, b] for (f, b), t in merged.items()]
 
 
-def measure(cfg, devices: int, layers: int | None = None) -> dict:
+def measure(cfg, devices: int, layers: int | None = None, setup=None) -> dict:
     """Compiles the train step (at `layers` and 2x`layers`, extrapolated linearly to the
-    model's depth, when given) and returns the per-device figures as plain data."""
+    model's depth, when given) and returns the per-device figures as plain data. `setup`:
+    cfg's TrainSetup (train_setup), whose executable then is the one measured."""
     full = cfg.model.num_layers
     if not layers or layers >= full:
-        out = _compile_once(cfg, devices)
+        out = _compile_once(cfg, devices, setup)
         out["compiled_layers"] = [full]
         return out
     k2 = min(2 * layers, full)
@@ -169,6 +179,8 @@ def measure(cfg, devices: int, layers: int | None = None) -> dict:
     out["collectives"] = {k: {f: lin(a["collectives"][k][f], b["collectives"][k][f]) for f in a["collectives"][k]}
                           for k in a["collectives"]}
     out["textbook"] = {k: lin(a["textbook"][k], b["textbook"][k]) for k in a["textbook"]}
+    for key in ("dots", "collective_ops"):
+        out[key] = {k: lin(a[key].get(k, 0.0), b[key].get(k, 0.0)) for k in {*a[key], *b[key]}}
     out["ops"] = [[t * x, f, by] for t, f, by in b["ops"]] + [[t * (1 - x), f, by] for t, f, by in a["ops"]]
     out["model_flops"] = float(exact["model_flops"])
     out["remat_flops"] = float(exact["remat_flops"])
@@ -216,15 +228,23 @@ def predict(m: dict, chip, devices: int, tokens: int) -> dict:
     # them (XLA's async collectives); all-reduces (TP activations, DP gradients) wait.
     hidden = comm["all-gather"] + comm["reduce-scatter"] if chip.overlaps_collectives else 0.0
     exposed = comm_s - hidden + max(0.0, hidden - compute)
+    efficiency, calibration = chip.matmul_efficiency, None
+    if "cpu" in m and chip.name == "cpu":  # this host: the step's parts timed alone (plan_cpu.py)
+        c, calibration = m["cpu"], m["cpu"]["calibration"]
+        compute, memory, comm_s = c["compute_s"], c["memory_s"], c["comm_s"]
+        comm, exposed = {k: c["comm_by_kind_s"].get(k, 0.0) for k in comm}, c["comm_s"]
+        efficiency = calibration["matmul_flops_per_s"] / chip.peak_flops
     step = compute + memory + exposed
     # the footnote's range: everything overlapped at full peak (roofline) .. nothing overlapped
     live = 2 * m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"]
     fast = max(flops / chip.peak_flops, live / bw, comm_s)
     slow = sum(t * max(f * scale / chip.peak_flops, b / bw) for t, f, b in m["ops"]) + comm_s
     slow = max(slow, step)
+    if calibration is not None:  # timed parts: all overlapped .. none (XLA:CPU overlaps none)
+        fast, slow = max(compute, memory, comm_s), step
     per_device = m["model_flops"] / devices
     usable = chip.usable_fraction * chip.hbm_bytes
-    return dict(chip=chip.name, chip_source=chip.source, efficiency=chip.matmul_efficiency,
+    return dict(chip=chip.name, chip_source=chip.source, efficiency=efficiency, calibration=calibration,
                 hardware_flops=flops, compute_s=compute, memory_s=memory, comm_s=comm_s, comm_exposed_s=exposed,
                 comm_by_kind_s=comm, step_s=step, mfu=per_device / (chip.peak_flops * step) if step else 0.0,
                 tokens_per_s_per_chip=tokens / step / devices if step else 0.0,
@@ -267,6 +287,9 @@ def run_plan(cfg, devices: int, chip_name: str, layers: int | None = None, sugge
     chip = get_chip(chip_name, devices)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     m = measure(cfg, devices, layers)
+    if chip_name == "cpu":  # time the step's matmuls, memory-bound ops and collectives on these devices
+        from transformer_jax.plan_cpu import Calibration
+        m["cpu"] = Calibration(m, devices, chip.peak_flops, chip.hbm_bandwidth).sample(3).predict()
     result = dict(name=cfg.name, devices=devices, tokens=tokens, batch=cfg.train.global_batch_size,
                   seq_len=cfg.train.seq_len, model=dict(family=cfg.model.family, layers=cfg.model.num_layers,
                   remat=cfg.model.remat, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,

@@ -63,20 +63,24 @@ def format_plan(r: dict) -> str:
                          f" {ratio}  {_gib(c['link_bytes'])}  {1e3 * p['comm_by_kind_s'][kind]:9.2f}")
     if not any(m["collectives"][k]["count"] for k in _KINDS):
         lines.append("  (none)")
+    timed = p.get("calibration") is not None
     lines += [
         "",
         f"prediction on {n} x {p['chip']}",
         f"  compute   {1e3 * p['compute_s']:10.2f} ms   hardware matmul FLOPs at {100 * p['efficiency']:.0f}% of peak "
-        "(per op: or its HBM bytes, if slower)",
-        f"  memory    {1e3 * p['memory_s']:10.2f} ms   ops without a matmul: their HBM bytes / bandwidth",
+        + ("(the step's matmuls, each timed alone)" if timed else "(per op: or its HBM bytes, if slower)"),
+        f"  memory    {1e3 * p['memory_s']:10.2f} ms   ops without a matmul: "
+        + ("per op time + HBM bytes / bandwidth" if timed else "their HBM bytes / bandwidth"),
         f"  comm      {1e3 * p['comm_exposed_s']:10.2f} ms   collectives not hidden behind compute "
-        f"(of {1e3 * p['comm_s']:.2f} ms: ring link bytes / interconnect bandwidth)",
+        + (f"(of {1e3 * p['comm_s']:.2f} ms: each timed alone)" if timed else
+           f"(of {1e3 * p['comm_s']:.2f} ms: ring link bytes / interconnect bandwidth)"),
         f"  step      {1e3 * p['step_s']:10.2f} ms   = compute + memory + comm",
+        *_calibration_lines(p.get("calibration")),
         f"  MFU       {100 * p['mfu']:9.1f} %    tokens/s/chip {p['tokens_per_s_per_chip']:,.0f}   [1]",
         "",
-        f"  [1] bounds: {1e3 * p['step_fast_s']:.2f} ms (everything overlapped at full peak: MFU "
-        f"{100 * p['mfu_fast']:.1f}%) .. {1e3 * p['step_slow_s']:.2f} ms (nothing overlapped, XLA:CPU's fusion: "
-        f"MFU {100 * p['mfu_slow']:.1f}%)",
+        f"  [1] bounds: {1e3 * p['step_fast_s']:.2f} ms (everything overlapped"
+        + ("" if timed else " at full peak") + f": MFU {100 * p['mfu_fast']:.1f}%) .. {1e3 * p['step_slow_s']:.2f} ms "
+        + ("(nothing overlapped" if timed else "(nothing overlapped, XLA:CPU's fusion") + f": MFU {100 * p['mfu_slow']:.1f}%)",
     ]
     if not p["fits"]:
         lines += ["", f"WARNING: needs {p['peak_bytes'] / GIB:.2f} GiB per device, more than the "
@@ -93,6 +97,17 @@ def format_plan(r: dict) -> str:
     if r["notes"]:
         lines += ["", "notes:"] + [f"  - {x}" for x in r["notes"]]
     return "\n".join(lines)
+
+
+def _calibration_lines(c: dict | None) -> list[str]:
+    """What the CPU prediction was calibrated with (transformer_jax/plan_cpu.py)."""
+    if not c:
+        return []
+    comm = ", ".join(f"{k}: {1e6 * lat:.0f} us + {1e-9 / s:.1f} GB/s" if s else f"{k}: {1e6 * lat:.0f} us"
+                     for k, (lat, s) in c["collectives"].items())
+    return [f"            timed on this host: the step's matmuls alone {c['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; "
+            f"other ops {1e6 * c['op_s']:.1f} us + bytes at {c['bandwidth'] / 1e9:.1f} GB/s"
+            + (f"; collectives (kind, group) {comm}" if comm else "")]
 
 
 def _product(mesh: str, axes) -> int:

@@ -10,10 +10,12 @@ ways). Batch 64 x 8192 tokens (0.5M tokens/step), 2 rows per chip, remat "full";
 compute, f32 master parameters; splash attention. On 8 x H100 the same model needs
 --mesh data=1,fsdp=8 and more remat/accumulation: run `plan --chip h100` first.
 
-Expected -- a `plan` PREDICTION for 32 x v5p, not a measurement:
-22.9 GiB of the 90.2 GiB usable per chip; 3,995 to 7,926 tokens/s/chip, MFU 50% to 100%
-(step 2,067 to 4,101 ms: matmuls 2,067 ms at peak, collectives 1,318 ms;
-the top assumes collectives overlap and matmuls at peak, the bottom XLA:CPU's fusion with nothing overlapped).
+Expected -- a `plan` PREDICTION for 32 x v5p (`--layers 2`), not a measurement:
+25.9 GiB of the 90.2 GiB usable per chip; step 4,126 ms, MFU 50.1%, 3,970 tokens/s/chip
+(matmuls 3,231 ms at 80% of peak, memory-bound ops 896 ms, FSDP gathers and scatters hidden);
+hardware FLOPs 1.25x the model's (full remat recomputes the layers' forward but the MLP down
+projection; the unembedding is not recomputed). Footnote range 2,585 ms (all at peak, all
+overlapped, MFU 80%) .. 4,126 ms.
 
 Data: tfds:pg19 (text field "book_text"); the tokenizer is trained here, not Meta's.
 """

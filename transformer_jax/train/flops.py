@@ -44,13 +44,20 @@ def train_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any], head_posi
 def remat_flops(cfg: ModelConfig, task: str, batch: Mapping[str, Any]) -> float:
     """The matmul FLOPs `cfg.remat` adds on top of `train_flops` (hardware work, not model work).
 
-    "full" runs each layer's forward again in the backward pass, less the two matmuls whose
-    outputs the backward never reads (the attention output and MLP down projections: XLA drops
-    them), "dots_no_batch" the attention's QK^T and AV (no weights), "dots" and "none" no matmul."""
+    "full" runs each layer's forward again in the backward pass. With pre-norm layers that is
+    less the MLP's down projection, whose output (the layer's output) the backward never reads:
+    XLA drops it. The attention output projection stays (the MLP's norm needs its sum with the
+    residual), as does every matmul of a post-norm layer (its last norm needs the down
+    projection's output). The heads (unembedding) are not rematerialised. Checked against
+    XLA's matmul count for scanned layers (the default) in tests/test_flops.py; unrolled
+    post-norm layers (scan_layers=False) were seen to recompute less (no attention scores). For llama_8b that is 1.25x the model FLOPs, not
+    the 8/6 = 1.33x of "recompute the whole forward": the down projection is 27% of a layer's
+    weights and the 128k-vocabulary unembedding, 7% of the weights, is never recomputed.
+    "dots_no_batch" recomputes the attention's QK^T and AV (no weights), "dots" and "none" no matmul."""
     weights, scores, _ = _macs(cfg, task, batch)
     if cfg.remat == "full":
         layer = sum(attention_params(cfg)) + mlp_params(cfg)
-        dropped = cfg.d_model * cfg.num_heads * cfg.dim_per_head + cfg.d_model * cfg.d_ff
+        dropped = cfg.d_model * cfg.d_ff if cfg.norm_position == "pre" else 0
         return 2.0 * (weights * (layer - dropped) / layer + scores)
     return 2.0 * scores if cfg.remat == "dots_no_batch" else 0.0
 

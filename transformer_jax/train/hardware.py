@@ -152,9 +152,8 @@ def host_memory_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-# The train step's matmuls on XLA:CPU relative to a jitted 1024^3 f32 matmul. Not yet
-# calibrated on a quiet host: on a heavily loaded 2-core host plan predicted 1.18-1.40x the
-# measured step of 3 small decoder configs.
+# A guess, used only by plan.predict() on figures without timed parts: `plan --chip cpu`
+# times the step's own matmuls, memory-bound ops and collectives instead (plan_cpu.py).
 CPU_MATMUL_EFFICIENCY = 0.7
 
 
