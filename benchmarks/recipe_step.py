@@ -6,7 +6,8 @@ transformer_jax/experiments/speedrun_ablation.md.
     .venv/bin/python benchmarks/recipe_step.py                      # all variants, 5 rounds
     .venv/bin/python benchmarks/recipe_step.py --variants base,muon --steps 3
 
-Each variant is the default experiment's model and optimizer with the overrides in VARIANTS;
+Each variant is the default experiment's model and optimizer with the overrides in VARIANTS
+(`base`: the previous recipe, learned positions, LayerNorm with biases, AdamW);
 the batch is the experiment's (16 x 256 tokens, synthetic ids). Prints a markdown table:
 fastest and median step, CPU seconds per step (user + system; what other load changes
 least) and the median step as a ratio to `base`'s.
@@ -31,11 +32,12 @@ from transformer_jax.experiments.default import get_config  # noqa: E402
 from transformer_jax.parallel import get_rules, make_mesh  # noqa: E402
 from transformer_jax.train import make_train_setup, synthetic_batch  # noqa: E402
 
+OLD = dict(position="learned", norm="layernorm", use_bias=True)  # the recipe before 2026-12-02
 ARCH = dict(position="rope", norm="rmsnorm", use_bias=False)
-VARIANTS = {  # name -> (model overrides, optimizer overrides)
-    "base": ({}, {}),
-    "muon": ({}, dict(optimizer="muon")),
-    "arch": (ARCH, {}),
+VARIANTS = {  # name -> (model overrides, optimizer overrides) of the default experiment as it is now
+    "base": (OLD, dict(optimizer="adamw")),  # the previous default recipe
+    "muon": (OLD, dict(optimizer="muon")),
+    "arch": (ARCH, dict(optimizer="adamw")),
     "arch_muon": (ARCH, dict(optimizer="muon")),
     "arch_muon_untied": (dict(ARCH, tie_embeddings=False), dict(optimizer="muon")),
     "arch_muon_relu": (dict(ARCH, activation="relu"), dict(optimizer="muon")),
