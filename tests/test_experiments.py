@@ -86,3 +86,10 @@ def test_plan_at_full_size_fits_its_hardware(name):
     chip, chips = _chip_and_count(_doc(name))
     r = plan(load_experiment(name), chip=chip, suggest=False)
     assert r["devices"] == chips and r["prediction"]["fits"], r["prediction"]["peak_bytes"] / 2 ** 30
+
+
+def test_default_experiment_validates_and_its_docstring_gives_the_command():
+    cfg = load_experiment("default")  # the README's main command: no download, one CPU host
+    assert cfg.name == "default" and cfg.data.source == "python_source" and cfg.data.vocab_size == cfg.model.vocab_size
+    assert cfg.train.seq_len <= cfg.model.max_len and cfg.train.time_budget_s and math.prod(cfg.mesh.sizes) in (-1, 1)
+    assert re.search(r"^    transformer-jax train\s", _doc("default"), re.M)

@@ -2,17 +2,19 @@
 import functools
 
 import chex
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax.contrib import MuonDimensionNumbers
 from hypothesis import given, settings, strategies as st
 
 from transformer_jax.config import ConfigError
 from transformer_jax.models import build_model, get_config
 from transformer_jax.train import OptimizerConfig, decay_mask, make_optimizer, make_schedule
-from transformer_jax.train.optim import frozen_mask
+from transformer_jax.train.optim import frozen_mask, muon_dims
 
 
 def test_schedules_at_their_landmarks():
@@ -169,3 +171,60 @@ def test_lora_freezes_everything_but_adapters_and_lora_train():
     with pytest.raises(ConfigError, match=r"^optim.freeze pattern 'decoder' matches no parameter; paths look like "
                                           r"\['classifier/kernel', 'enc/bias', 'enc/kernel'\]$"):
         frozen_mask(_tree(), OptimizerConfig(freeze=("enc", "decoder")))
+
+
+def _unboxed(name, **overrides):
+    model = build_model(get_config(name, **overrides))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return flax.linen.unbox(model.init(jax.random.key(0), tokens)["params"])
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_muon_takes_the_layers_kernels_as_input_by_output_matrices(scan):
+    params = _unboxed("llama-tiny", scan_layers=scan)
+    flat = jax.tree_util.tree_flatten_with_path(muon_dims(params),
+                                                is_leaf=lambda d: d is None or isinstance(d, MuonDimensionNumbers))[0]
+    dims = {jax.tree_util.keystr(p): d for p, d in flat}
+    muon = {p for p, d in dims.items() if d is not None}
+    assert muon and all(p.endswith("['kernel']") and ("['layers']" in p or "['layer_" in p) for p in muon)
+    assert all(d is None for p, d in dims.items() if "embed" in p or "norm" in p or "head" in p)
+    lead = 1 if scan else 0
+    q = next(d for p, d in dims.items() if "['query']" in p)
+    out = next(d for p, d in dims.items() if "['out']" in p)
+    wo = next(d for p, d in dims.items() if "['wo']" in p)
+    assert (tuple(q.reduction_axis), tuple(q.output_axis)) == ((lead,), (lead + 1, lead + 2))  # embed -> heads, dim
+    assert (tuple(out.reduction_axis), tuple(out.output_axis)) == ((lead, lead + 1), (lead + 2,))
+    assert (tuple(wo.reduction_axis), tuple(wo.output_axis)) == ((lead,), (lead + 1,))
+
+
+def test_muon_orthogonalizes_each_layers_matrix_and_adams_the_rest():
+    cfg = OptimizerConfig(optimizer="muon", learning_rate=2e-3, muon_learning_rate=0.03, weight_decay=0.0,
+                          clip_norm=None)
+    params = _unboxed("gpt2-tiny")  # scanned: query kernel [layers, embed, heads, head_dim]
+    leaves, tree = jax.tree.flatten(params)
+    grads = tree.unflatten([jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])  # full rank
+    tx = make_optimizer(cfg)
+    direction, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    g_q = grads["decoder"]["layers"]["self_attention"]["query"]["kernel"]
+    d_q = direction["decoder"]["layers"]["self_attention"]["query"]["kernel"]
+    L, D, H, K = g_q.shape
+    ref = optax.chain(optax.contrib.scale_by_muon(), optax.contrib._muon.scale_by_shape(MuonDimensionNumbers()))
+    for i in range(L):
+        g2 = g_q[i].reshape(D, H * K)
+        r, _ = ref.update(g2, ref.init(g2))
+        np.testing.assert_allclose(d_q[i].reshape(D, H * K), r * 0.03 / 2e-3, rtol=1e-3, atol=3e-4)  # f32 NS
+    s = np.linalg.svd(np.asarray(d_q[0]).reshape(D, H * K), compute_uv=False)
+    assert s.max() / s.min() < 2.0  # Newton-Schulz: all singular values near one (times the lr ratio)
+    adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    emb = grads["embedder"]["token"]["embedding"]
+    np.testing.assert_allclose(direction["embedder"]["token"]["embedding"], adam.update(emb, adam.init(emb))[0],
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(muon_learning_rate=-0.1), r"^optim.muon_learning_rate=-0.1 must be a finite number >= 0, e.g. 0.02$"),
+    (dict(muon_momentum=1.0), r"^optim.muon_momentum=1.0 must be in \[0, 1\)$"),
+])
+def test_muon_config_errors_are_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        OptimizerConfig(**kwargs)

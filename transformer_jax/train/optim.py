@@ -1,6 +1,6 @@
-"""AdamW (Loshchilov & Hutter 2019) with warmup + cosine/linear/constant schedules,
-global-norm clipping, weight decay masked by parameter kind and frozen parameters, from
-`OptimizerConfig`.
+"""AdamW (Loshchilov & Hutter 2019), or Muon (Jordan et al. 2024) for the hidden matrices
+with AdamW for the rest, with warmup + cosine/linear/constant schedules, global-norm clipping,
+weight decay masked by parameter kind and frozen parameters, from `OptimizerConfig`.
 
     tx = make_optimizer(cfg)                 # optax: clip -> Adam moments -> + wd * param
     tx = make_optimizer(cfg, lora=True)      # only LoRA adapters (+ cfg.lora_train) update
@@ -11,6 +11,15 @@ global-norm clipping, weight decay masked by parameter kind and frozen parameter
 The learning rate is applied by the train step from the *train* step counter rather than
 by optax from its own count, so a skipped (non-finite) step leaves Adam's moments and bias
 correction untouched while the schedule still follows the step the trainer reports.
+
+Muon (`optimizer="muon"`): the kernels of the Transformer layers (paths through `layers` or
+`layer_N`: attention and MLP projections) get Nesterov momentum orthogonalized by 5
+Newton-Schulz steps (`optax.contrib.scale_by_muon`), each projection as one matrix of its
+input axes by its output axes (query/key/value: embed x heads*head_dim; out: heads*head_dim x
+embed; the scanned `layers` axis is a batch of matrices), scaled by sqrt(max(1, fan_out/fan_in))
+and by muon_learning_rate / learning_rate, so that the train step's one schedule gives them a
+peak of muon_learning_rate. Embeddings, the output head, norms and biases keep AdamW. Weight
+decay is the same decoupled lr * weight_decay * p for both.
 
 Freezing (fine-tuning): parameters whose '/'-joined path ('encoder/layers/mlp/wi/kernel')
 matches a regex of `cfg.freeze` (re.search), and with `lora=True` every parameter that is
@@ -29,6 +38,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib._muon import scale_by_shape
+
 from transformer_jax.config import Config, ConfigError
 from transformer_jax.layers.dense import LORA_PARAMS
 
@@ -42,6 +54,9 @@ DECAY_KINDS = {
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig(Config):
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the layers' kernels, AdamW for the rest
+    muon_learning_rate: float = 0.02  # peak lr of the Muon-updated kernels (same schedule)
+    muon_momentum: float = 0.95
     learning_rate: float = 3e-4  # peak
     warmup_steps: int = 100  # linear warmup: lr * (step + 1) / warmup_steps
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup, until total_steps
@@ -61,6 +76,11 @@ class OptimizerConfig(Config):
             raise ConfigError(f"optim.learning_rate={self.learning_rate} must be a finite number, e.g. 3e-4")
         if self.learning_rate < 0:
             raise ConfigError(f"optim.learning_rate={self.learning_rate} must be >= 0")
+        if not (math.isfinite(self.muon_learning_rate) and self.muon_learning_rate >= 0):
+            raise ConfigError(f"optim.muon_learning_rate={self.muon_learning_rate} must be a finite number >= 0, "
+                              "e.g. 0.02")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"optim.muon_momentum={self.muon_momentum} must be in [0, 1)")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.end_ratio <= 1.0:
@@ -142,13 +162,51 @@ def frozen_mask(params: Any, cfg: OptimizerConfig, lora: bool = False) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: frozen(p), params)
 
 
+_LAYER = re.compile(r"^(layers|layer_\d+)$")
+
+
+def muon_dims(params: Any) -> Any:
+    """Tree like `params`: the kernel's MuonDimensionNumbers for the Transformer layers'
+    kernels (paths through `layers` (scanned: its leading axis is a batch of matrices) or
+    `layer_N`), None for everything else (embeddings, head, norms, biases)."""
+    def dims(path, x):
+        keys = [_key(k) for k in path]
+        if keys[-1] != "kernel" or not any(_LAYER.match(k) for k in keys[:-1]):
+            return None
+        lead = 1 if "layers" in keys[:-1] else 0
+        n_in = 2 if keys[-2] == "out" else 1  # attention out: [heads, head_dim] -> embed
+        n = x.ndim - lead
+        if n < 2:
+            return None
+        return MuonDimensionNumbers(reduction_axis=tuple(range(lead, lead + n_in)),
+                                    output_axis=tuple(range(lead + n_in, x.ndim)))
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _muon(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Muon for the layers' kernels (scaled to muon_learning_rate), Adam for the rest."""
+    def dims(tree):  # the kernels' dimension numbers; the Adam leaves are masked out already
+        return jax.tree.map(lambda d, x: d if d is not None else optax.MaskedNode(), muon_dims(tree), tree,
+                            is_leaf=lambda d: d is None or isinstance(d, MuonDimensionNumbers))
+    ratio = cfg.muon_learning_rate / cfg.learning_rate if cfg.learning_rate else 0.0
+    muon = optax.chain(scale_by_muon(beta=cfg.muon_momentum, weight_dimension_numbers=dims),
+                       scale_by_shape(weight_dimension_numbers=dims), optax.scale(ratio))
+    labels = lambda p: jax.tree.map(lambda d: "adam" if d is None else "muon", muon_dims(nn.unbox(p)),  # noqa: E731
+                                    is_leaf=lambda d: d is None or isinstance(d, MuonDimensionNumbers))
+    return optax.partition({"muon": muon, "adam": optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)}, labels)
+
+
 def make_optimizer(cfg: OptimizerConfig, lora: bool = False) -> optax.GradientTransformation:
-    """The update direction of AdamW, before the learning rate: clip -> Adam -> + wd * p,
-    and zero for frozen parameters (see the module docstring; `lora`: the model has adapters)."""
+    """The update direction of AdamW (or Muon + AdamW), before the learning rate:
+    clip -> Adam (Muon) -> + wd * p, and zero for frozen parameters (see the module
+    docstring; `lora`: the model has adapters)."""
     parts = []
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    if cfg.optimizer == "muon":
+        parts.append(_muon(cfg))
+    else:
+        parts.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
     if cfg.weight_decay:
         parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=lambda p: decay_mask(p, cfg.decay_exclude)))
     adamw = optax.chain(*parts)
