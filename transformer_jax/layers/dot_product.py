@@ -38,8 +38,8 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 F32 = jnp.float32
 # `auto` uses `chunked` instead of `xla` once one head's [Lq, Lk] scores exceed 512 x 512.
 # Measured (benchmarks/attention.py, 2-core CPU, 8 heads, d=64, f32, fwd+bwd, ms xla/chunked):
-# L=512: 25/50 (batch 1), 347/374 (batch 8) -- a single 512-tile gains nothing; L=1024: 326/236
-# causal, 195/167 not; L=2048 causal: 895/387; L=4096: 7365/1507 with 1.5 GiB vs 62 MiB temp.
+# L=512: 25/50 (batch 1), 347/374 (batch 8) -- a single 512-tile gains nothing alone (but see CPU
+# below); L=1024: 326/236 causal, 195/167 not; L=2048 causal: 895/387; L=4096: 7365/1507 with 1.5 GiB vs 62 MiB temp.
 # What matters is the length (tiles to skip, scores that fall out of cache), not batch x heads.
 CHUNKED_MIN_SCORES = 512 * 512
 # On CPU `chunked` wins from one 512 x 512 tile on (>=) inside a training step: its custom VJP saves
