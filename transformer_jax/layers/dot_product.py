@@ -46,8 +46,9 @@ CHUNKED_MIN_SCORES = 512 * 512
 # q, k, v, out and the row logsumexp, where autodiff of `xla` saves [B, H, Lq, Lk] scores, probabilities
 # and the broadcast mask, which a scan over layers stacks for every layer. Measured on the bench train
 # step (f32, 6 scanned layers, L=512, batch 8; benchmarks/train_step.py --variants f32,f32-attn-xla):
-# CPU s/step chunked/xla = 0.87 (16.9/19.4) and 0.90 (18.4/20.4) in two runs (one step each after a
-# warm-up, interleaved, on a 2-core Xeon at load average ~20), the same loss to 4 digits.
+# CPU s/step chunked/xla = 0.87 (16.9/19.4), 0.90 (18.4/20.4) and 0.99 (16.3/16.5; median wall 0.95)
+# in three runs (1-2 steps each after a warm-up, interleaved, on a 2-core Xeon at load average
+# 12-28), the same loss to 4 digits: a small gain, at the edge of what that machine resolves.
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 is safe everywhere
 log = logging.getLogger(__name__)
 _TARGET = jax.make_user_context(None)  # part of jit's cache key: a new platform re-traces
