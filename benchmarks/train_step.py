@@ -3,6 +3,7 @@ vocab 32768, seq 512, global batch 8 = 4,096 tokens, 953.5 GFLOP/step).
 
     .venv/bin/python benchmarks/train_step.py                           # peak + step table, one device (~10 min)
     .venv/bin/python benchmarks/train_step.py --only breakdown          # where the step's time goes
+    .venv/bin/python benchmarks/train_step.py --only profile            # op time by model part (jax.profiler)
     .venv/bin/python benchmarks/train_step.py --only compile            # 6 / 24 layers, scan or not
     .venv/bin/python benchmarks/train_step.py --only presets --devices 8   # 8 fake devices
 
@@ -12,6 +13,17 @@ the median step plus the CPU seconds a step consumed (user + system, what other 
 changes least); tokens/s and % of peak use the fastest step. The matmul peak is measured
 in the same process, before and after. Throughput counts every position (4,096
 tokens/step); model FLOPs follow train/flops.py.
+
+The peer table (plain Flax, HF GPT-2 torch eager / torch.compile, this library through its
+public API, f32 and bf16) comes from the peer bench kept next to the project, in one run on a
+quiet machine, from the project root:
+
+    PY=$PWD/.venv/bin/python
+    JAX_PY=$PY TORCH_PY=$PY FLAX_ALSO_PY="" ONLY="peak flax torch" \
+      BENCH_EXTRA="$PY ../shared/bench/transformer_jax_bench.py" bash ../shared/bench/run_peers.sh
+
+CPU findings (jax 0.10.2, 2-core Xeon with AVX512-BF16, heavily loaded, CPU s/step of interleaved
+steps): see docs/architecture.md, Performance.
 """
 from __future__ import annotations
 
@@ -24,7 +36,7 @@ import sys
 import time
 
 ARGS = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-ARGS.add_argument("--only", default="peak,step", help="comma list: peak,step,breakdown,compile,presets")
+ARGS.add_argument("--only", default="peak,step", help="comma list: peak,step,breakdown,profile,compile,presets")
 ARGS.add_argument("--devices", type=int, default=1, help="fake CPU devices (8 for presets)")
 ARGS.add_argument("--steps", type=int, default=3, help="timed steps per row")
 ARGS.add_argument("--variants", default="f32,f32-unrolled,f32-whole-logits,bf16,bf16-plain-dots,flax-f32,flax-bf16",
@@ -108,7 +120,9 @@ VARIANTS = {  # name -> (model overrides, task overrides, plain bf16 dots)
     "f32-unrolled": (dict(scan_layers=False), dict(), False),
     "f32-remat-dots": (dict(remat="dots"), dict(), False),
     "f32-remat-full": (dict(remat="full"), dict(), False),
+    "f32-attn-xla": (dict(attention="xla"), dict(), False),
     "bf16": (dict(dtype="bfloat16"), dict(), False),
+    "bf16-attn-xla": (dict(dtype="bfloat16", attention="xla"), dict(), False),
     "bf16-whole-logits": (dict(dtype="bfloat16"), dict(loss_chunk=0), False),
     "bf16-plain-dots": (dict(dtype="bfloat16"), dict(), True),
 }
@@ -207,6 +221,60 @@ def breakdown():
             print(f"| {name} | {med:.2f} | {flops / 1e9:.0f} | {flops / med / 1e9:.0f} |", flush=True)
     med, _ = run_steps(setup, args.steps)
     print(f"| whole train step | {med:.2f} | {FLOPS / 1e9:.0f} | {FLOPS / med / 1e9:.0f} |", flush=True)
+
+
+def _scope(op_name: str) -> str:
+    """Which part of the model an HLO op's op_name metadata comes from."""
+    if "jvp()/while" in op_name or any(k in op_name for k in ("bcv", "bcd", "_run.<locals>")):  # the fused loss scan
+        return "output layer + loss"
+    if "self_attention/" in op_name:
+        proj = any(f"self_attention/{p}/" in op_name for p in ("query", "key", "value", "out"))
+        return "attention projections" if proj else "attention scores/softmax"
+    for key, name in (("/mlp/", "mlp"), ("norm", "norms"), ("mbedder", "embeddings"), ("layers", "layer stack")):
+        if key in op_name:
+            return name
+    return "optimizer + rest"
+
+
+def profile():
+    """jax.profiler trace of 2 steps of the default variants; op time per (part, dots or not).
+    Times are the sum over XLA's threads of each op's span: on a loaded host a descheduled thread
+    inflates the op it is in, so read shares, not seconds."""
+    import collections
+    import glob
+    import re
+    import tempfile
+    for name in ("f32", "bf16"):
+        section(f"where the {name} step's op time goes (jax.profiler, one device)")
+        overrides, task, _ = VARIANTS[name]
+        setup = one_device_setup(task=task, **overrides)
+        text = setup.compiled_train_step(BATCH).as_text()
+        op = {m[0]: m[1] for m in re.findall(r'%([\w.\-]+) = [^\n]*?op_name="([^"]*)"', text)}
+        calls = dict(re.findall(r"%([\w.\-]+) = [^\n]*calls=%([\w.\-]+)", text))
+        bodies = dict(re.findall(r"^%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", text, re.S | re.M))
+        has_dot = {h: bool(re.search(r"\bdot\(", b)) for h, b in bodies.items()}
+        for ev, callee in calls.items():  # a fusion without metadata: its body's last op_name
+            op.setdefault(ev, (re.findall(r'op_name="([^"]*)"', bodies.get(callee, "")) or [""])[-1])
+        run_steps(setup, 1)
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                run_steps(setup, 1)  # a warm-up step and a timed one
+            data = jax.profiler.ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
+            spans = collections.Counter()
+            for plane in data.planes:
+                for line in plane.lines:
+                    if line.name.startswith("tf_XLAEigen"):
+                        for ev in line.events:
+                            spans[ev.name] += ev.duration_ns / 2e9
+        parts = collections.Counter()
+        for ev, t in spans.items():
+            if ev in op or ev in calls:
+                kind = "dots" if has_dot.get(calls.get(ev, ""), False) or ev.startswith("dot") else "other ops"
+                parts[(_scope(op.get(ev, "")), kind)] += t
+        total = sum(parts.values())
+        print("| part | kind | op s/step (summed over threads) | share |\n|---|---|---|---|")
+        for (part, kind), t in parts.most_common():
+            print(f"| {part} | {kind} | {t:.2f} | {100 * t / total:.0f}% |", flush=True)
 
 
 def compile_table():
@@ -309,7 +377,7 @@ if __name__ == "__main__":
     print(f"# transformer_jax train-step benchmark: jax {jax.__version__}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), bench model {FLOPS / 1e9:.1f} GFLOP/step")
     for part in args.only.split(","):
-        {"peak": peak, "step": step_table, "breakdown": breakdown, "compile": compile_table,
+        {"peak": peak, "step": step_table, "breakdown": breakdown, "profile": profile, "compile": compile_table,
          "presets": presets}[part]()
     if "peak" in args.only.split(",") and args.only != "peak":
         peak()  # again at the end: how much the machine's speed moved during the run

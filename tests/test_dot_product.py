@@ -217,6 +217,14 @@ def test_select_implementation(backend, dtype, length, want):
     assert (name == "chunked") == (length * length > CHUNKED_MIN_SCORES) or name == "cudnn"
 
 
+def test_select_implementation_cpu_takes_chunked_from_one_512_tile():
+    """On CPU a training step is faster with `chunked` already at 512 x 512 (dot_product.py)."""
+    assert select_implementation("cpu", jnp.float32, 512, 512, batch=8, heads=8)[0] == "chunked"
+    assert select_implementation("cpu", jnp.bfloat16, 512, 512, causal=True)[0] == "chunked"
+    assert select_implementation("cpu", jnp.float32, 511, 512)[0] == "xla"
+    assert select_implementation("tpu", jnp.float32, 512, 512)[0] == "xla"
+
+
 def test_select_implementation_gpu_fallbacks_say_why():
     name, reason = select_implementation("gpu", jnp.bfloat16, 512, 512, head_dim=100)
     assert name == "xla" and "head_dim" in reason
@@ -225,7 +233,7 @@ def test_select_implementation_gpu_fallbacks_say_why():
     assert select_implementation("gpu", jnp.bfloat16, 512, 512, dense_mask=True)[0] == "cudnn"
     assert select_implementation("gpu", jnp.bfloat16, 16384, 16384, batch=8, dense_mask=True)[0] == "chunked"
     assert select_implementation("cpu", jnp.float32, 1, 32768)[0] == "xla"  # one decoding step
-    assert select_implementation("cpu", jnp.float32, 512, 512, batch=64, heads=32)[0] == "xla"  # one tile anyway
+    assert select_implementation("gpu", jnp.float32, 512, 512, batch=64, heads=32)[0] == "xla"  # one tile anyway
 
 
 def test_auto_on_cpu_matches_xla():

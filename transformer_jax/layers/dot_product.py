@@ -38,10 +38,17 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 F32 = jnp.float32
 # `auto` uses `chunked` instead of `xla` once one head's [Lq, Lk] scores exceed 512 x 512.
 # Measured (benchmarks/attention.py, 2-core CPU, 8 heads, d=64, f32, fwd+bwd, ms xla/chunked):
-# L=512: 25/50 (batch 1), 347/374 (batch 8) -- a single 512-tile gains nothing; L=1024: 326/236
-# causal, 195/167 not; L=2048 causal: 895/387; L=4096: 7365/1507 with 1.5 GiB vs 62 MiB temp.
+# L=512: 25/50 (batch 1), 347/374 (batch 8) -- a single 512-tile gains nothing alone (but see CPU
+# below); L=1024: 326/236 causal, 195/167 not; L=2048 causal: 895/387; L=4096: 7365/1507 with 1.5 GiB vs 62 MiB temp.
 # What matters is the length (tiles to skip, scores that fall out of cache), not batch x heads.
 CHUNKED_MIN_SCORES = 512 * 512
+# On CPU `chunked` wins from one 512 x 512 tile on (>=) inside a training step: its custom VJP saves
+# q, k, v, out and the row logsumexp, where autodiff of `xla` saves [B, H, Lq, Lk] scores, probabilities
+# and the broadcast mask, which a scan over layers stacks for every layer. Measured on the bench train
+# step (f32, 6 scanned layers, L=512, batch 8; benchmarks/train_step.py --variants f32,f32-attn-xla):
+# CPU s/step chunked/xla = 0.87 (16.9/19.4), 0.90 (18.4/20.4) and 0.99 (16.3/16.5; median wall 0.95)
+# in three runs (1-2 steps each after a warm-up, interleaved, on a 2-core Xeon at load average
+# 12-28), the same loss to 4 digits: a small gain, at the edge of what that machine resolves.
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 is safe everywhere
 log = logging.getLogger(__name__)
 _TARGET = jax.make_user_context(None)  # part of jit's cache key: a new platform re-traces
@@ -104,10 +111,10 @@ def select_implementation(backend: str, dtype, lq: int, lk: int, *, batch: int =
     `general_mask`: a boolean mask or a nonzero q_offset, which splash cannot take (it does
     take segment ids); None: assume `dense_mask` is one."""
     dtype = jnp.dtype(dtype)
-    if lq * lk > CHUNKED_MIN_SCORES:
-        fallback = "chunked", f"Lq x Lk = {lq} x {lk} > 512 x 512 scores per head"
+    if lq * lk >= CHUNKED_MIN_SCORES if backend == "cpu" else lq * lk > CHUNKED_MIN_SCORES:
+        fallback = "chunked", f"Lq x Lk = {lq} x {lk} {'>=' if backend == 'cpu' else '>'} 512 x 512 scores per head"
     else:
-        fallback = "xla", f"Lq x Lk = {lq} x {lk} <= 512 x 512 scores per head"
+        fallback = "xla", f"Lq x Lk = {lq} x {lk} {'<' if backend == 'cpu' else '<='} 512 x 512 scores per head"
     if backend in ("gpu", "cuda"):  # "gpu" means CUDA here; pass "rocm" for AMD GPUs
         why_not = _cudnn_unsupported(dtype, lq, lk, batch, head_dim, has_bias, dense_mask)
         if why_not is None:
