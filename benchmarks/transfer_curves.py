@@ -54,23 +54,24 @@ from transformer_jax.train.loop import Run, train  # noqa: E402
 from transformer_jax.train.losses import forward  # noqa: E402
 
 VARIANTS = ("pretrained", "scratch", "lora")
-VOCAB = 8192
+SEQ_LEN = 64
+VOCAB = 2048  # bpe trained on python_source; a small output layer keeps CPU steps cheap
 
 
 def settings(task: str, quick: bool) -> dict:
     """Model, pretraining and fine-tuning sizes of `task` (quick: a smoke run)."""
     if task == "classify":
         model = model_config("bert-base", vocab_size=VOCAB, d_model=64, num_heads=4, num_layers=2, d_ff=256,
-                             max_len=128, num_classes=16)
-        s = dict(model=model, pre_task="mlm", ft_task="classify", seq_len=128, target_len=None,
-                 pre_steps=800, pre_batch=32, pre_lr=2e-3, ft_batch=32, ft_lr=5e-4, lora_lr=2e-3,
-                 evals=(25, 50, 100, 200, 400))
+                             max_len=SEQ_LEN, num_classes=16)
+        s = dict(model=model, pre_task="mlm", ft_task="classify", seq_len=SEQ_LEN, target_len=None,
+                 pre_steps=300, pre_batch=16, pre_lr=2e-3, ft_batch=16, ft_lr=1e-3, lora_lr=3e-3,
+                 evals=(12, 25, 50, 100, 200))
     else:
         model = model_config("t5-small", vocab_size=VOCAB, d_model=64, num_heads=4, head_dim=16, num_layers=2,
                              d_ff=256)
-        s = dict(model=model, pre_task="span", ft_task="seq2seq", seq_len=128, target_len=16,
-                 pre_steps=800, pre_batch=32, pre_lr=2e-3, ft_batch=32, ft_lr=1e-3, lora_lr=3e-3,
-                 evals=(25, 50, 100, 200, 400))
+        s = dict(model=model, pre_task="span", ft_task="seq2seq", seq_len=SEQ_LEN, target_len=8,
+                 pre_steps=300, pre_batch=16, pre_lr=2e-3, ft_batch=16, ft_lr=1e-3, lora_lr=3e-3,
+                 evals=(12, 25, 50, 100, 200))
     if quick:
         s.update(model=s["model"].replace(d_model=32, d_ff=64, num_layers=1), pre_steps=6, pre_batch=8,
                  ft_batch=8, evals=(2, 4))
@@ -142,8 +143,8 @@ def constant_baseline(task: str) -> tuple[str, float]:
 
 def pretrain(task: str, s: dict, workdir: Path) -> dict:
     summary_path = workdir / "summary.json"
-    if not summary_path.exists():
-        train(pretrain_config(task, s), workdir)
+    if not summary_path.exists() or json.loads(summary_path.read_text()).get("stopped") != "steps":
+        train(pretrain_config(task, s), workdir)  # fresh, or resumed from its newest checkpoint
     summary = json.loads(summary_path.read_text())
     cfg = pretrain_config(task, s)
     tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.train.seq_len
