@@ -217,7 +217,7 @@ def markdown(task: str, s: dict, results: dict, pre: dict, baseline: tuple[str, 
     ft_tokens = max(evals) * s["ft_batch"] * s["seq_len"]
     lines += ["", "Cells: mean over seeds (min-max). \"beyond spread\": every pretrained seed above every "
               "scratch seed.", "",
-              f"Scratch catches up: {'at ' + str(cu) + ' steps' if cu else 'not within ' + str(max(evals)) + ' steps'}.",
+              "Scratch catches up: " + (f"at {cu} steps." if cu else f"not within {max(evals)} steps."),
               f"Pretraining cost: {pre['steps']} steps x {pre['batch']} x {pre['seq_len']} = "
               f"{pre['input_tokens'] / 1e6:.2f}M input tokens of python_source ({pre['params'] / 1e6:.2f}M params), "
               f"{pre['seconds']:.0f} s here (a loaded 2-core CPU), {pre['input_tokens'] / ft_tokens:.1f}x the "
@@ -276,7 +276,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "transfer"))
     p.add_argument("--workdir", default="runs/transfer_curves")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, a few steps")
+    p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                   help="no persistent compilation cache under --workdir")
     args = p.parse_args(argv)
+    if args.compile_cache:  # every seed's run compiles the same programs: compile them once
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.workdir) / "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     for task in (("classify", "name") if args.task == "both" else (args.task,)):
         print(run_task(task, args), flush=True)
     return 0

@@ -44,8 +44,8 @@ def test_classify_baseline_is_chance():
 
 @pytest.mark.slow  # minutes: builds the data, pretrains and fine-tunes three tiny models
 def test_quick_run_writes_table_png_and_json(tmp_path):
-    assert tc.main(["--quick", "--task", "classify", "--seeds", "1", "--out", str(tmp_path / "out"),
-                    "--workdir", str(tmp_path / "runs")]) == 0
+    assert tc.main(["--quick", "--no-compile-cache", "--task", "classify", "--seeds", "1",
+                    "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "runs")]) == 0
     table = (tmp_path / "out" / "classify.md").read_text()
     assert "| 2 | 16 |" in table and "| 4 | 32 |" in table
     data = json.loads((tmp_path / "out" / "classify.json").read_text())
