@@ -145,11 +145,25 @@ def pretrain(task: str, s: dict, workdir: Path) -> dict:
     summary_path = workdir / "summary.json"
     if not summary_path.exists() or json.loads(summary_path.read_text()).get("stopped") != "steps":
         train(pretrain_config(task, s), workdir)  # fresh, or resumed from its newest checkpoint
-    summary = json.loads(summary_path.read_text())
-    cfg = pretrain_config(task, s)
-    tokens = cfg.train.steps * cfg.train.global_batch_size * cfg.train.seq_len
-    return dict(steps=summary["step"], batch=cfg.train.global_batch_size, seq_len=cfg.train.seq_len,
-                input_tokens=tokens, seconds=summary["elapsed_s"], params=summary["params"],
+    return pretrain_cost(task, s, workdir)
+
+
+def pretrain_cost(task: str, s: dict, workdir: Path) -> dict:
+    """Steps, tokens, FLOPs and seconds of the pretraining run in `workdir` (from its logs):
+    `seconds` is the whole run (data preparation, compilation, final evaluation included),
+    `step_seconds` the logged windows' steps alone (the first window, holding compilation, left out)."""
+    summary = json.loads((workdir / "summary.json").read_text())
+    t = pretrain_config(task, s).train
+    logs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logs = [m for m in logs if m["kind"] == "train"]
+    step_tokens = t.global_batch_size * t.seq_len
+    flops_per_step = float(np.median([m["mfu"] * summary["peak_flops"] * step_tokens / m["tokens_per_s"]
+                                      for m in logs]))
+    windows = [(b["step"] - a["step"], b) for a, b in zip(logs, logs[1:])]
+    step_seconds = sum(n * step_tokens / m["tokens_per_s"] for n, m in windows) * t.steps / sum(n for n, _ in windows)
+    return dict(steps=summary["step"], batch=t.global_batch_size, seq_len=t.seq_len,
+                input_tokens=summary["step"] * step_tokens, flops=flops_per_step * summary["step"],
+                seconds=summary["elapsed_s"], step_seconds=step_seconds, params=summary["params"],
                 eval_loss=summary["eval"]["loss"], eval_accuracy=summary["eval"]["accuracy"])
 
 
@@ -219,8 +233,10 @@ def markdown(task: str, s: dict, results: dict, pre: dict, baseline: tuple[str, 
               "scratch seed.", "",
               "Scratch catches up: " + (f"at {cu} steps." if cu else f"not within {max(evals)} steps."),
               f"Pretraining cost: {pre['steps']} steps x {pre['batch']} x {pre['seq_len']} = "
-              f"{pre['input_tokens'] / 1e6:.2f}M input tokens of python_source ({pre['params'] / 1e6:.2f}M params), "
-              f"{pre['seconds']:.0f} s here (a loaded 2-core CPU), {pre['input_tokens'] / ft_tokens:.1f}x the "
+              f"{pre['input_tokens'] / 1e6:.2f}M input tokens of python_source ({pre['params'] / 1e6:.2f}M params, "
+              f"{pre['flops'] / 1e12:.2f} TFLOP), {pre['step_seconds']:.0f} s of steps ({pre['seconds']:.0f} s with "
+              f"data preparation, compilation and evaluation) on a loaded 2-core CPU; "
+              f"{pre['input_tokens'] / ft_tokens:.1f}x the "
               f"tokens of the longest fine-tune ({max(evals)} steps); its validation loss {pre['eval_loss']:.3f}, "
               f"accuracy {pre['eval_accuracy']:.3f}.",
               f"Trained parameters: full {results['pretrained'][0]['trained'] / 1e6:.3f}M, "
@@ -254,13 +270,20 @@ def plot(task: str, s: dict, results: dict, baseline: tuple[str, float], path: P
 def run_task(task: str, args) -> str:
     s = settings(task, args.quick)
     workdir = Path(args.workdir) / task
-    pre = pretrain(task, s, workdir / "pretrain")
-    print(f"{task}: pretrained in {pre['seconds']:.0f} s", flush=True)
-    seeds = range(args.seeds)
-    results = {v: [finetune(task, s, v, seed, workdir / "pretrain", workdir / f"{v}_{seed}") for seed in seeds]
-               for v in VARIANTS}
-    baseline = constant_baseline(task)
     out = Path(args.out)
+    seeds = range(args.seeds)
+    if args.report_only:  # the tables and plot again, from a finished run's JSON and pretraining logs
+        saved = json.loads((out / f"{task}.json").read_text())
+        results = {v: [dict(r, curve={int(k): x for k, x in r["curve"].items()}) for r in runs]
+                   for v, runs in saved["results"].items()}
+        pre, baseline = pretrain_cost(task, s, workdir / "pretrain"), tuple(saved["baseline"])
+        seeds = range(len(results["scratch"]))
+    else:
+        pre = pretrain(task, s, workdir / "pretrain")
+        print(f"{task}: pretrained in {pre['seconds']:.0f} s", flush=True)
+        results = {v: [finetune(task, s, v, seed, workdir / "pretrain", workdir / f"{v}_{seed}") for seed in seeds]
+                   for v in VARIANTS}
+        baseline = constant_baseline(task)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{task}.json").write_text(json.dumps(dict(pretrain=pre, baseline=baseline, results=results), indent=1))
     table = markdown(task, s, results, pre, baseline, seeds)
@@ -276,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "transfer"))
     p.add_argument("--workdir", default="runs/transfer_curves")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny models, a few steps")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the table and plot from <out>/<task>.json and the pretraining run's logs")
     p.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                    help="no persistent compilation cache under --workdir")
     args = p.parse_args(argv)

@@ -27,8 +27,8 @@ def test_catch_up_and_spread():
     assert tc.catch_up(summ, evals) == 40  # means 0.65 vs 0.65
     assert tc.catch_up(tc.summarise(results, evals[:2]), evals[:2]) is None
     s = dict(evals=evals, ft_batch=4, seq_len=8)
-    pre = dict(steps=5, batch=2, seq_len=8, input_tokens=80, seconds=3.0, params=100, eval_loss=1.0,
-               eval_accuracy=0.5)
+    pre = dict(steps=5, batch=2, seq_len=8, input_tokens=80, flops=1e9, seconds=3.0, step_seconds=1.0, params=100,
+               eval_loss=1.0, eval_accuracy=0.5)
     table = tc.markdown("classify", s, results, pre, ("idlelib", 0.0625), range(2))
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[1].strip() for r in rows] == ["10", "20", "40"]
