@@ -240,7 +240,8 @@ def markdown(task: str, s: dict, results: dict, pre: dict, baseline: tuple[str, 
     ft_tokens = max(evals) * s["ft_batch"] * s["seq_len"]
     lines += ["", "Cells: mean over seeds (min-max). \"beyond spread\": every pretrained seed above every "
               "scratch seed.", "",
-              "Scratch catches up: " + (f"at {cu} steps." if cu else f"not within {max(evals)} steps."),
+              "Scratch catches up: " + (f"already at the first budget ({cu} steps)." if cu == evals[0] else
+                                        f"at {cu} steps." if cu else f"not within {max(evals)} steps."),
               f"Pretraining cost: {pre['steps']} steps x {pre['batch']} x {pre['seq_len']} = "
               f"{pre['input_tokens'] / 1e6:.2f}M input tokens of python_source ({pre['params'] / 1e6:.2f}M params, "
               f"{pre['flops'] / 1e12:.2f} TFLOP), {pre['step_seconds']:.0f} s of steps ({pre['seconds']:.0f} s with "
@@ -267,6 +268,8 @@ def plot(task: str, s: dict, results: dict, baseline: tuple[str, float], path: P
                         alpha=0.2)
     ax.axhline(baseline[1], color="gray", ls="--", label=f"constant answer ({baseline[0]})")
     ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(evals, [str(e) for e in evals])
     ax.set_xlabel("fine-tuning steps")
     ax.set_ylabel("validation accuracy" if task == "classify" else "validation exact match")
     ax.set_title(f"python_functions {task}: mean and min-max of {len(results['scratch'])} seeds")

@@ -24,7 +24,7 @@ def test_catch_up_and_spread():
         "lora": [{10: 0.2, 20: 0.2, 40: 0.2}, {10: 0.2, 20: 0.2, 40: 0.2}]})
     summ = tc.summarise(results, evals)
     assert summ["pretrained"][10] == pytest.approx((0.45, 0.4, 0.5))
-    assert tc.catch_up(summ, evals) == 40  # means 0.65 vs 0.65
+    assert tc.catch_up(summ, evals) == 40  # means 0.65 vs 0.65 (and scratch behind before)
     assert tc.catch_up(tc.summarise(results, evals[:2]), evals[:2]) is None
     s = dict(evals=evals, ft_batch=4, seq_len=8)
     pre = dict(steps=5, batch=2, seq_len=8, input_tokens=80, flops=1e9, seconds=3.0, step_seconds=1.0, params=100,
