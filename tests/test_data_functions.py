@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from transformer_jax.data import DataConfig, corpus, label_names, make_iterator
-from transformer_jax.data.functions import MASK, PACKAGES, extract_functions
+from transformer_jax.data.functions import (MASK, PACKAGES, VALIDATION_PER_PACKAGE, extract_functions,
+                                           flat_lines, function_split, without_lines)
 from transformer_jax.data.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
 
 SOURCE = '''
@@ -42,17 +43,48 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("functions"))
 
 
-def test_builder_labels_and_split_follow_the_files(data_dir):
-    for split in ("train", "validation"):
-        data = corpus.open_split("python_functions", data_dir, split)
-        assert len(data) > (50 if split == "validation" else 3000)
+def test_builder_records_are_the_split(data_dir):
+    split = function_split()
+    for name in ("train", "validation"):
+        data = corpus.open_split("python_functions", data_dir, name)
+        assert len(data) == len(split[name])
         labels = data.labels("package")
         assert labels.min() >= 0 and labels.max() < len(PACKAGES)
+        want = {(r["path"], r["name"], r["function"]) for r in split[name]}
         for i in range(0, len(data), max(1, len(data) // 30)):
             rec = data.records[i]
-            path = rec["path"].decode()
-            assert corpus.split_of(path) == split and path.split("/")[0] == PACKAGES[int(rec["package"])]
-            assert rec["function"].decode().lstrip().startswith(("def ", "async def "))
+            path, fn = rec["path"].decode(), rec["function"].decode()
+            assert (path, rec["name"].decode(), fn) in want
+            assert path.split("/")[0] == PACKAGES[int(rec["package"])]
+            assert fn.lstrip().startswith(("def ", "async def "))
+
+
+_lines = flat_lines  # a function's text as it reads anywhere in a file: lines without indentation
+
+
+def test_split_is_by_function_balanced_and_leak_free(data_dir):
+    split = function_split()
+    train, val = split["train"], split["validation"]
+    packages = [r["package"] for r in val]
+    assert {p: packages.count(p) for p in PACKAGES} == {p: VALIDATION_PER_PACKAGE for p in PACKAGES}
+    majority = max(packages.count(p) for p in PACKAGES) / len(val)  # a constant answer's accuracy
+    assert majority == pytest.approx(1 / len(PACKAGES))
+    assert len({r["path"] for r in val}) >= 60  # many files, not one file's methods
+    # no training function holds a validation function's text (equal, or nested inside it)
+    val_texts = [_lines(r["function"]) for r in val]
+    train_text = "\n\n".join(_lines(r["function"]) for r in train)
+    assert not [t for t in val_texts if t in train_text]
+    # nor does the pretraining corpus: python_source, both splits, every file
+    source = "\n\n".join(_lines(t) for s in ("train", "validation")
+                          for t in corpus.open_split("python_source", data_dir, s).texts("text"))
+    assert not [t for t in val_texts if t in source]
+    # ... while training functions are still there (the check can find text)
+    assert sum(_lines(r["function"]) in source for r in train[::50]) == len(train[::50])
+
+
+def test_without_lines():
+    assert without_lines("a\nb\nc\nd\n", [(2, 3)]) == "a\nd\n"
+    assert without_lines("a\nb", []) == "a\nb"
 
 
 def test_classify_batches(data_dir):

@@ -5,7 +5,7 @@ Builders (`tfds.core.GeneratorBasedBuilder`, written as ArrayRecord, read back w
 
 * `PythonSource` ("python_source"): the running interpreter's standard library `.py`
   files, skipping `site-packages` and test directories; one example per file
-  `{path, text}`. Its config name says which Python it came from ("cpython-3.11.7").
+  `{path, text}`, less the lines of the functions `python_functions` validates on. Its config name says which Python it came from ("cpython-3.11.7").
 * `TextFiles` ("text_files"): every non-hidden file under a directory, or the files a glob
   matches. Files are cut into documents of at most 64 KiB (at a newline when there is
   one), so a single big file (a book, enwik8) still has a train and a validation part.
@@ -99,8 +99,10 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 class PythonSource(LocalBuilder):
-    """The running Python's standard-library source, one example per file."""
-    VERSION = tfds.core.Version("1.0.0")
+    """The running Python's standard-library source, one example per file, without the
+    functions `python_functions` holds out for validation (so pretraining never sees them)."""
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "without python_functions' validation functions"}
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(
         name=PYTHON_CONFIG, description=f"stdlib of {platform.python_implementation()} {platform.python_version()}")]
 
@@ -109,13 +111,15 @@ class PythonSource(LocalBuilder):
                                               description=self.builder_config.description)
 
     def _split_generators(self, dl_manager):
-        files = stdlib_files()
-        return {s: self._generate_examples([f for f in files if split_of(f[0]) == s])
+        from transformer_jax.data.functions import held_out_lines
+        files, held_out = stdlib_files(), held_out_lines()
+        return {s: self._generate_examples([f for f in files if split_of(f[0]) == s], held_out)
                 for s in ("train", "validation")}
 
-    def _generate_examples(self, files):
+    def _generate_examples(self, files, held_out):
+        from transformer_jax.data.functions import without_lines
         for rel, full in files:
-            yield rel, {"path": rel, "text": read_text(full)}
+            yield rel, {"path": rel, "text": without_lines(read_text(full), held_out.get(rel, []))}
 
 
 # -- text_files ---------------------------------------------------------------------------
@@ -220,7 +224,7 @@ class TextFiles(LocalBuilder):
 @dataclasses.dataclass
 class Split:
     """One split of a source: `records[i]` is a dict (Text as bytes, ClassLabel as int)."""
-    full_name: str        # "python_source/cpython-3.11.7/1.0.0"
+    full_name: str        # "python_source/cpython-3.11.7/1.1.0"
     split: str
     records: Sequence[dict[str, Any]]
     features: Any         # tfds FeaturesDict
