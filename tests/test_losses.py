@@ -1,7 +1,6 @@
 """Losses: cross-entropy sums against a numpy reference, padding never counts, z-loss and
 label smoothing as defined, and every task consumes the data pipeline's batches."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

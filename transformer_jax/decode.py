@@ -284,7 +284,6 @@ def _beam_search(model, params, encoded, encoded_seg, cache, *, beam_size, max_n
     b = encoded.shape[0] // beam_size
     k = beam_size
     params = unstack_layers(params)
-    flat = lambda x: x.reshape((b * k,) + x.shape[2:])  # noqa: E731
     unflat = lambda x: x.reshape((b, k) + x.shape[1:])  # noqa: E731
     # Only beam 0 is live at the start, so the first expansion does not pick k copies.
     scores = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1))  # [B, K] sum of log-probs

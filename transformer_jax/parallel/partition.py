@@ -13,7 +13,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from transformer_jax.parallel.rules import AXIS_SETTINGS, Rules
 
