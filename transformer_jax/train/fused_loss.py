@@ -37,14 +37,13 @@ def hidden_and_output_weight(model: Any, variables: dict, *args, **kwargs) -> tu
     tables: dict = {}  # Embedder path -> [g, V, D] copies of its tied table
 
     def shared(path, table, rows):
-        """The copies, or None where they do not pay: one batch group, or a vocabulary split over
-        devices (XLA's SPMD partitioner then fails on the batched gather: jax 0.10.2)."""
+        """The copies, or None with one batch group (nothing to gain)."""
         g = batch_shards(rows)
-        if g == 1 or vocab_shards() > 1:
+        if g == 1:
             return None
         if path not in tables:
             table_g = jnp.broadcast_to(table[None], (g, *table.shape))
-            tables[path] = nn.with_logical_constraint(table_g, ("batch", None, None))
+            tables[path] = nn.with_logical_constraint(table_g, ("batch", "vocab", None))
         return tables[path]
 
     def interceptor(next_fun, fargs, fkwargs, context):
@@ -58,7 +57,17 @@ def hidden_and_output_weight(model: Any, variables: dict, *args, **kwargs) -> tu
                 return next_fun(*fargs, **fkwargs)
             g = table_g.shape[0]
             tokens_g = tokens.reshape(g, tokens.shape[0] // g, *tokens.shape[1:])
-            x = jax.vmap(lambda t, i: jnp.take(t, i, axis=0))(table_g, tokens_g)
+            # Each vocabulary shard looks up the tokens it holds (zeros for the others) and the
+            # shards add up: Megatron's vocab-parallel embedding, written with the shard axis in
+            # the array (a gather from [g, V, D] split over V crashes XLA's partitioner: jax 0.10.2).
+            t = vocab_shards()
+            g, v, d = table_g.shape
+            table_gt = nn.with_logical_constraint(table_g.reshape(g, t, v // t, d), ("batch", "vocab", None, None))
+            local = tokens_g[:, None] - (jnp.arange(t) * (v // t)).reshape(1, t, *[1] * tokens.ndim)
+            valid = (local >= 0) & (local < v // t)
+            take = jax.vmap(jax.vmap(lambda tab, i: jnp.take(tab, i, axis=0)))
+            x = take(table_gt, jnp.where(valid, local, 0)) * valid[..., None].astype(table_g.dtype)
+            x = x.sum(1)  # [g, B/g, ..., D]: over the vocabulary's shards
             return x.reshape(*tokens.shape, -1).astype(module.dtype)
         if context.method_name != "logits" or name != "Embedder":
             return next_fun(*fargs, **fkwargs)
