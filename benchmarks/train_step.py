@@ -292,19 +292,20 @@ def compile_table():
 
 PRESET_MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "dp_tp": (4, 1, 2), "fsdp_tp": (2, 2, 2)}
 def presets():
+    """Every preset compiled first, then timed round-robin with the one-device step (one step of
+    each in turn), so a change of load on the shared machine hits every row alike."""
     if jax.device_count() < 8:
         sys.exit("presets needs --devices 8")
     from transformer_jax.collectives import compare, measured_bytes
     from transformer_jax.hlo_analysis import analyze_hlo
     section("presets on 8 fake CPU devices (bench model, f32; collective MiB per device per step, "
-            "loop trip counts applied: measured / textbook)")
+            "loop trip counts applied: measured / textbook; step: median, timed round-robin)")
     print("| preset | mesh | compile s | step s | vs 1 device | per-device MiB (args+temp) | "
           "all-gather | reduce-scatter | all-reduce |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = one_device_setup(scan_layers=False)
     base.compiled_train_step(BATCH)
-    t1, _ = run_steps(base, args.steps)
-    print(f"| one device | 1 | - | {t1:.2f} | 1.00 | - | - | - | - |", flush=True)
+    rows, steps = {}, {"one device": _stepper(base)}
     for preset, shape in PRESET_MESHES.items():
         mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2], preset=preset))
         setup = one_device_setup(mesh=mesh, preset=preset, scan_layers=False)
@@ -314,13 +315,35 @@ def presets():
         mem = compiled.memory_analysis()
         per_dev = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                    - mem.alias_size_in_bytes) / 2**20
-        rows = {k: (got, want) for k, got, want, _ in
-                compare(setup, BATCH, measured_bytes(analyze_hlo(compiled.as_text(), 8)))}
-        cells = " | ".join(f"{rows[k][0] / 2**20:.0f} / {rows[k][1] / 2**20:.0f}" if k in rows else "-"
+        got = {k: (g, w) for k, g, w, _ in compare(setup, BATCH, measured_bytes(analyze_hlo(compiled.as_text(), 8)))}
+        cells = " | ".join(f"{got[k][0] / 2**20:.0f} / {got[k][1] / 2**20:.0f}" if k in got else "-"
                            for k in ("all-gather", "reduce-scatter", "all-reduce"))
-        med, _ = run_steps(setup, args.steps)
+        rows[preset] = (shape, compile_s, per_dev, cells)
+        steps[preset] = _stepper(setup)
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up round
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    t1 = statistics.median(times["one device"])
+    print(f"| one device | 1 | - | {t1:.2f} | 1.00 | - | - | - | - |")
+    for preset, (shape, compile_s, per_dev, cells) in rows.items():
+        med = statistics.median(times[preset])
         print(f"| {preset} | {shape} | {compile_s:.0f} | {med:.2f} | {med / t1:.2f} | {per_dev:.0f} | {cells} |",
               flush=True)
+
+
+def _stepper(setup):
+    """One blocking train step of `setup` on the bench batch (its state carried along)."""
+    box, batch = [setup.init_state()], jax.device_put(BATCH, setup.batch_sharding)
+
+    def step():
+        box[0], m = setup.train_step(box[0], batch)
+        jax.block_until_ready(m)
+    return step
 
 
 # -- plain Flax linen, as the Flax docs write it (same model, same machine) --------------------

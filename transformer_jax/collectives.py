@@ -8,9 +8,13 @@ Bytes are those of the whole arrays a collective is about (an all-gather's resul
 all-reduce's or reduce-scatter's operand), as "How to Scale Your Model" (ch. 5) counts them;
 ring link bytes follow from them (hlo_analysis.py). Over a mesh (data d, fsdp f, tensor t),
 with P_f the gradient bytes of the parameters split over fsdp and P_r those of the others,
-both per tensor shard, and A one [batch rows per device, length, d_model] activation:
+both per tensor shard, T_f the part of P_f in tables (embeddings, and the untied output layer
+when the loss is fused), and A one [batch rows per device, length, d_model] activation:
 
-    all-gather      2 P_f             FSDP: every weight gathered for the forward and again for the backward
+    all-gather      2 P_f - T_f       FSDP: every weight gathered for the forward and again for the backward,
+                                        except T_f, the tables: an embedding lookup's backward needs no
+                                        weights, nor does a fused output layer's (train/fused_loss.py
+                                        makes dW in the forward pass), so a table is gathered once
     reduce-scatter  P_f               FSDP: every gradient reduce-scattered once per step
     all-reduce      P_r (d f > 1)     DP: every replicated gradient all-reduced once per step,
                     + P_f / f (d > 1)     the FSDP shards of the others across data replicas
@@ -31,6 +35,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.train.losses import FUSED_TASKS
+
 KINDS = ("all-gather", "reduce-scatter", "all-reduce")
 
 
@@ -42,16 +48,19 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
     """The formula of the module docstring for a TrainSetup and a batch (arrays or shapes)."""
     mesh = setup.mesh
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
-    p_fsdp = p_rest = 0.0
-    for x in jax.tree.leaves(setup.abstract_state.params):
+    fused = bool(setup.task_cfg.loss_chunk) and setup.task_cfg.task in FUSED_TASKS
+    p_fsdp = p_rest = t_fsdp = 0.0
+    for path, x in jax.tree_util.tree_leaves_with_path(setup.abstract_state.params):
         axes = _axes(x.sharding.spec)
         nbytes = math.prod(x.shape) * x.dtype.itemsize / (t if "tensor" in axes else 1)
         if f > 1 and "fsdp" in axes:
             p_fsdp += nbytes
+            names = {str(getattr(k, "key", k)) for k in path}
+            t_fsdp += nbytes if "embedding" in names or (fused and "unembed" in names) else 0.0
         else:
             p_rest += nbytes
     k = setup.optim_cfg.grad_accum_steps
-    out = {"all-gather": 2 * k * p_fsdp, "reduce-scatter": k * p_fsdp, "all-reduce": 0.0}
+    out = {"all-gather": k * (2 * p_fsdp - t_fsdp), "reduce-scatter": k * p_fsdp, "all-reduce": 0.0}
     if d * f > 1:
         out["all-reduce"] += p_rest
     if d > 1:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.layers.dense import Dense, LoRA, fan_in_init
+from transformer_jax.layers.dense import Dense, LoRA, fan_in_init, matmul
 from transformer_jax.layers.dot_product import dot_product_attention
 from transformer_jax.layers.embeddings import apply_rope
 
@@ -76,9 +76,13 @@ class MultiHeadAttention(nn.Module):
                          use_bias=self.use_bias or self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                          lora=self.lora, name=name)
 
-        q_BLHD = proj(self.num_heads, "heads", "query")(x_BLD)
-        k_BSKD = jnp.repeat(proj(kv_heads, kv_axis, "key")(x_kv_BSD), repeats, axis=2)
-        v_BSKD = jnp.repeat(proj(kv_heads, kv_axis, "value")(x_kv_BSD), repeats, axis=2)
+        query, key, value = proj(self.num_heads, "heads", "query"), proj(kv_heads, kv_axis, "key"), \
+            proj(kv_heads, kv_axis, "value")
+        if self_attention:
+            q_BLHD, k_BSKD, v_BSKD = fused_projections(x_BLD, (query, key, value), repeats, self.dtype)
+        else:
+            q_BLHD, = fused_projections(x_BLD, (query,), repeats, self.dtype)
+            k_BSKD, v_BSKD = fused_projections(x_kv_BSD, (key, value), repeats, self.dtype)
         q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "heads", "head_dim"))
         k_BSKD = nn.with_logical_constraint(k_BSKD, ("batch", "length", "kv_heads", "head_dim"))
         v_BSKD = nn.with_logical_constraint(v_BSKD, ("batch", "length", "kv_heads", "head_dim"))
@@ -138,6 +142,34 @@ class MultiHeadAttention(nn.Module):
             jax.lax.dynamic_update_slice(cseg.value, seg, (0, index)), ("batch", "length"))
         cidx.value = index + l
         return jnp.swapaxes(ck.value, 1, 2), jnp.swapaxes(cv.value, 1, 2), seg, cseg.value, index
+
+
+def fused_projections(x_BLD: jax.Array, denses: tuple[Dense, ...], repeats: int, dtype: Any) -> list[jax.Array]:
+    """Head projections of one input (query/key/value, or key/value) as one matmul.
+
+    The kernels [D, n, Dh] (n: num_heads or num_kv_heads) stay separate parameters; key/value
+    kernels are repeated to K = num_kv_heads * repeats heads (as their outputs would be), the
+    query kernel viewed as [D, K, num_heads / K, Dh] and all joined along that group axis, so
+    the join is local to each tensor shard. One matmul means one input gradient: under tensor
+    parallelism one all-reduce of dx per attention block instead of one per projection."""
+    shapes = [x_BLD.shape[-1:]] * len(denses)
+    ws = [d.weights(s) for d, s in zip(denses, shapes)]
+    kernels = [w["kernel"] if d.name == "query" else jnp.repeat(w["kernel"], repeats, axis=1)
+               for d, w in zip(denses, ws)]
+    groups = min(k.shape[1] for k in kernels)
+    joined = jnp.concatenate([k.reshape(k.shape[0], groups, -1, k.shape[-1]) for k in kernels], axis=2)
+    joined = nn.with_logical_constraint(joined, ("embed", "heads", None, "head_dim"))
+    y = matmul(x_BLD, joined, 1, dtype)  # [B, L, groups, sum of heads per group, Dh]
+    outs, start = [], 0
+    for d, w, k in zip(denses, ws, kernels):
+        per = k.shape[1] // groups
+        out = y[..., start:start + per, :].reshape(*y.shape[:-3], k.shape[1], k.shape[-1])
+        start += per
+        extra = d.extras(x_BLD, w)
+        if extra is not None:
+            out = out + (extra if d.name == "query" else jnp.repeat(extra, repeats, axis=-2))
+        outs.append(out)
+    return outs
 
 
 def kv_repeats(num_heads: int, kv_heads: int) -> int:

@@ -77,31 +77,46 @@ class Dense(nn.Module):
     kernel_init: Init | None = None
     lora: LoRA | None = None
 
-    @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weights(x.shape[x.ndim - self.in_dims:])
+        y = matmul(x, w["kernel"], self.in_dims, self.dtype)
+        extra = self.extras(x, w)
+        return y if extra is None else y + extra
+
+    @nn.compact
+    def weights(self, in_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+        """The parameters for inputs whose last dims are `in_shape`: kernel [*in, *features], and
+        bias [*features], lora_a [*in, r], lora_b [r, *features] when configured (in this order:
+        the order of creation fixes the init values)."""
         features = tuple(self.features)
-        shape = x.shape[x.ndim - self.in_dims:] + features
+        shape = tuple(in_shape) + features
         if len(self.axes) != len(shape):
             raise ValueError(f"Dense {self.name}: {len(self.axes)} axis names for a kernel of shape {shape}")
         init = self.kernel_init or fan_in_init(self.in_dims, len(shape))
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)), shape, self.param_dtype)
-        y = matmul(x, kernel, self.in_dims, self.dtype)
+        w = {"kernel": self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)), shape,
+                                  self.param_dtype)}
         if self.lora is not None and self.name in self.lora.targets:
-            y = y + self._adapter(x, shape)
+            r, n_in = self.lora.rank, self.in_dims
+            in_axes, out_axes = tuple(self.axes[:n_in]), tuple(self.axes[n_in:])
+            w["lora_a"] = self.param("lora_a", nn.with_logical_partitioning(
+                fan_in_init(n_in, n_in + 1), in_axes + (None,)), shape[:n_in] + (r,), self.param_dtype)
+            w["lora_b"] = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_axes),
+                                     (r,) + shape[n_in:], self.param_dtype)
         if self.use_bias:
             bias_axes = tuple(self.axes[self.in_dims:])
-            b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), features,
-                           self.param_dtype)
-            y = y + b.astype(self.dtype)
-        return y
+            w["bias"] = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), features,
+                                   self.param_dtype)
+        return w
 
-    def _adapter(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        """(alpha / r) * (x . A) . B; A: [*in, r], B: [r, *out] (zeros)."""
-        r, n_in = self.lora.rank, self.in_dims
-        in_axes, out_axes = tuple(self.axes[:n_in]), tuple(self.axes[n_in:])
-        a = self.param("lora_a", nn.with_logical_partitioning(fan_in_init(n_in, n_in + 1), in_axes + (None,)),
-                       shape[:n_in] + (r,), self.param_dtype)
-        b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_axes),
-                       (r,) + shape[n_in:], self.param_dtype)
-        h = matmul(x, a, n_in, self.dtype)  # [..., r]
-        return matmul(h, b, 1, self.dtype) * jnp.asarray(self.lora.scale, self.dtype)
+    def extras(self, x: jax.Array, w: dict[str, jax.Array]) -> jax.Array | None:
+        """What `__call__` adds to x . kernel: the adapter term (alpha / r) * (x . A) . B, then the
+        bias; None without either. Projections that share an input and fuse their matmuls
+        (attention's query/key/value) add it to their slice of the fused output."""
+        extra = None
+        if "lora_a" in w:
+            h = matmul(x, w["lora_a"], self.in_dims, self.dtype)  # [..., r]
+            extra = matmul(h, w["lora_b"], 1, self.dtype) * jnp.asarray(self.lora.scale, self.dtype)
+        if "bias" in w:
+            b = w["bias"].astype(self.dtype)
+            extra = b if extra is None else extra + b
+        return extra

@@ -27,17 +27,57 @@ F32 = jnp.float32
 
 
 def hidden_and_output_weight(model: Any, variables: dict, *args, **kwargs) -> tuple[jax.Array, jax.Array]:
-    """(h [..., D], W [V, D]) with logits = h . W^T, from `model.apply(variables, *args, **kwargs)`."""
+    """(h [..., D], W) with logits = h . W^T, from `model.apply(variables, *args, **kwargs)`.
+
+    W is [V, D], or for a tied table [g, V, D]: one copy of the table per group of batch rows
+    (g = `batch_shards`, 1 off a mesh), read by both the input lookup and the output layer.
+    The copies' gradients add up in place, and summing them over g (the broadcast's transpose)
+    is the table's one reduction per step; with the [V, D] table itself, GSPMD reduces the two
+    uses' partial gradients separately."""
+    tables: dict = {}  # Embedder path -> [g, V, D] copies of its tied table
+
+    def shared(path, table, rows):
+        """The copies, or None with one batch group (nothing to gain)."""
+        g = batch_shards(rows)
+        if g == 1:
+            return None
+        if path not in tables:
+            table_g = jnp.broadcast_to(table[None], (g, *table.shape))
+            tables[path] = nn.with_logical_constraint(table_g, ("batch", "vocab", None))
+        return tables[path]
+
     def interceptor(next_fun, fargs, fkwargs, context):
         module = context.module
-        if context.method_name != "logits" or type(module).__name__ != "Embedder":
+        name = type(module).__name__
+        if name == "Embed" and context.method_name == "__call__" and getattr(
+                getattr(module.parent, "cfg", None), "tie_embeddings", False):
+            tokens = fargs[0]
+            table_g = shared(module.parent.path, module.embedding, tokens.shape[0])
+            if table_g is None:
+                return next_fun(*fargs, **fkwargs)
+            g = table_g.shape[0]
+            tokens_g = tokens.reshape(g, tokens.shape[0] // g, *tokens.shape[1:])
+            # Each vocabulary shard looks up the tokens it holds (zeros for the others) and the
+            # shards add up: Megatron's vocab-parallel embedding, written with the shard axis in
+            # the array (a gather from [g, V, D] split over V crashes XLA's partitioner: jax 0.10.2).
+            t = vocab_shards()
+            g, v, d = table_g.shape
+            table_gt = nn.with_logical_constraint(table_g.reshape(g, t, v // t, d), ("batch", "vocab", None, None))
+            local = tokens_g[:, None] - (jnp.arange(t) * (v // t)).reshape(1, t, *[1] * tokens.ndim)
+            valid = (local >= 0) & (local < v // t)
+            take = jax.vmap(jax.vmap(lambda tab, i: jnp.take(tab, i, axis=0)))
+            x = take(table_gt, jnp.where(valid, local, 0)) * valid[..., None].astype(table_g.dtype)
+            x = x.sum(1)  # [g, B/g, ..., D]: over the vocabulary's shards
+            return x.reshape(*tokens.shape, -1).astype(module.dtype)
+        if context.method_name != "logits" or name != "Embedder":
             return next_fun(*fargs, **fkwargs)
         cfg, x = module.cfg, fargs[0]
         params = nn.unbox(module.variables["params"])
         if cfg.tie_embeddings:
             if cfg.scale_tied_logits:
                 x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
-            return x, params["token"]["embedding"]
+            table_g = shared(module.path, params["token"]["embedding"], x.shape[0])
+            return x, params["token"]["embedding"] if table_g is None else table_g
         return x, params["unembed"]["kernel"].T
 
     with nn.intercept_methods(interceptor):
@@ -68,18 +108,32 @@ def batch_shards(rows: int) -> int:
     return n if rows % n == 0 else 1
 
 
+def vocab_shards() -> int:
+    """How many devices split the vocabulary under the current mesh and logical rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = nn.logical_to_mesh_axes(("vocab",))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
 def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
-    v = w.shape[0]
-    wc = w.astype(dtype)
+    """w: [V, D] or [gw, V, D] (gw copies, one per group of batch rows); dW comes back shaped like w."""
+    w_g = w if w.ndim == 3 else w[None]
+    gw, v = w_g.shape[:2]
+    wc = w_g.astype(dtype)
     # dW is a sum over the batch, whose rows are split over g devices. Each device adds up its
     # own rows' share in its slice of a [g, D, V] carry (sharded like the batch: no collective
     # inside the loop); the g shares are summed once after it (one all-reduce / reduce-scatter
-    # per step instead of one per chunk).
+    # per step instead of one per chunk), or, with per-group copies of W, by the caller.
     g = batch_shards(h.shape[0])
+    split = lambda x, n: x.reshape(n, x.shape[0] // n, *x.shape[1:])  # noqa: E731  [B, ...] -> [n, B/n, ...]
+    merge = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731  [n, B/n, ...] -> [B, ...]
 
     def body(acc, xs):
         h_c, t_c, w_c = xs  # [B, c, D], [B, c], [B, c]
-        logits = jnp.einsum("bcd,vd->bcv", h_c.astype(dtype), wc, preferred_element_type=F32)
+        logits = merge(jnp.einsum("gbcd,gvd->gbcv", split(h_c.astype(dtype), gw), wc, preferred_element_type=F32))
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         log_z = jax.nn.logsumexp(logits, axis=-1)
         onehot = jax.nn.one_hot(t_c, v, dtype=F32)
@@ -98,22 +152,24 @@ def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
         p = jnp.exp(logits - log_z[..., None])
         dlogits = p * (1.0 + 2.0 * z_loss * log_z)[..., None] - (1.0 - smoothing) * onehot - smoothing / v
         dlogits = (dlogits * w32[..., None]).astype(dtype)
-        dh = jnp.einsum("bcv,vd->bcd", dlogits, wc, preferred_element_type=F32)
+        dh = merge(jnp.einsum("gbcv,gvd->gbcd", split(dlogits, gw), wc, preferred_element_type=F32))
         # Accumulated as dW^T [D, V]: XLA:CPU then reads dlogits in place instead of first
         # transposing each [B*c, V] block (measured: the head's time -17% on the bench model).
-        split = lambda x: x.reshape(g, x.shape[0] // g, *x.shape[1:])  # noqa: E731  [B, ...] -> [g, B/g, ...]
-        dw = dw + jnp.einsum("gbcd,gbcv->gdv", split(h_c.astype(dtype)), split(dlogits), preferred_element_type=F32)
+        dw = dw + jnp.einsum("gbcd,gbcv->gdv", split(h_c.astype(dtype), g), split(dlogits, g),
+                             preferred_element_type=F32)
         dw = nn.with_logical_constraint(dw, ("batch", None, "vocab"))
         return (acc_sums, dw), nn.with_logical_constraint(dh, ("batch", "length", "embed"))
 
     chunk = min(chunk, h.shape[1])
     zeros = {k: jnp.zeros((), F32) for k in ("loss", "nll", "correct", "tokens", "z_loss")}
     xs = (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk))
-    (sums, dw_t), dh = jax.lax.scan(body, (zeros, jnp.zeros((g, *w.shape[::-1]), F32) if grad else None), xs)
+    d = w_g.shape[-1]
+    (sums, dw_t), dh = jax.lax.scan(body, (zeros, jnp.zeros((g, d, v), F32) if grad else None), xs)
     if not grad:
         return sums, None, None
     dh = jnp.moveaxis(dh, 0, 1).reshape(h.shape[0], -1, h.shape[-1])[:, :h.shape[1]]
-    return sums, dh, dw_t.sum(0).T
+    dw_g = jnp.swapaxes(dw_t.reshape(gw, g // gw, d, v).sum(1), 1, 2)  # [gw, V, D]
+    return sums, dh, dw_g.reshape(w.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
