@@ -13,7 +13,7 @@ CASES = [
     (["--set", "train.steps=abc"], "train.steps='abc' must be an integer"),
     (["--set", "train.steps=-1"], "train.steps=-1 must be positive"),
     (["--set", "train.seq_len=1"], "train.seq_len=1 must be at least 2"),
-    (["--set", "train.seq_len=512"], "train.seq_len=512 exceeds model.max_len=256"),
+    (["--set", "model.position=learned", "--set", "train.seq_len=512"], "train.seq_len=512 exceeds model.max_len=256"),
     (["--set", "model.d_model=250"], "d_model=250 is not divisible by num_heads=4"),
     (["--set", "model.num_kv_heads=3"], "num_heads=4 is not a multiple of num_kv_heads=3"),
     (["--set", "model.norm=batchnorm"], "ModelConfig.norm='batchnorm' is not one of"),

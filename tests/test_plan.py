@@ -108,9 +108,9 @@ def test_tensor_parallel_all_reduces_activations(measured):
     cfg, m = measured["tp"]
     act = B * L * D * 4  # one [batch, length, d_model] f32 activation (tensor=8: every device has all rows)
     ar = m["collectives"]["all-reduce"]["operand_bytes"]
-    # Megatron's minimum is 4 per layer (2 forward, 2 backward). XLA reduces the q, k and v input
-    # gradients separately (3 instead of 1): 6 per layer; the vocab-split embedding and unembedding add 2.
-    assert ar == pytest.approx((6 * LAYERS + 2) * act, rel=0.05)
+    # Megatron's minimum: 4 per layer (2 forward, 2 backward; q/k/v are one matmul, so their input
+    # gradients are reduced once); the vocab-split embedding and unembedding add 2.
+    assert ar == pytest.approx((4 * LAYERS + 2) * act, rel=0.05)
     assert ar >= 4 * LAYERS * act
     assert m["collectives"]["reduce-scatter"]["count"] == 0
 
