@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from transformer_jax import cli
+from transformer_jax.train import hardware
 
 CASES = [
     (["--set", "train.stepz=3"], "unknown key 'train.stepz'; valid keys: steps, time_budget_s"),
@@ -210,6 +211,7 @@ def trained(tmp_path_factory, corpus):
     data_dir = tmp_path_factory.mktemp("data")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRANSFORMER_JAX_DATA_DIR", str(data_dir))
+        hardware.host_matmul_peak.cache_clear()  # an earlier test's peak (another data cache) is not this run's
         wd = tmp_path_factory.mktemp("runs") / "trained"
         assert cli.main(["train", "--config", "tiny", "--workdir", str(wd), "--set", "train.steps=4",
                          *_run_args(corpus)]) == 0
