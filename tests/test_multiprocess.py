@@ -5,6 +5,7 @@ process, a wall-clock budget, resume on 1 process x 8 devices; a killed process,
 coordinator and a stopped (hung) process, each ending the other in one line, then a resume."""
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -101,7 +102,8 @@ RUN = ["--config", "tiny", "--set", "train.sample_tokens=0", "--set", "train.eva
 
 
 def _free_port(lo: int = 1024, hi: int = 65535) -> int:
-    for port in range(lo, hi):
+    """A port free now, drawn at random: two pytest workers starting runs at once must not share a coordinator."""
+    for port in random.Random().sample(range(lo, hi + 1), hi + 1 - lo):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -127,7 +129,7 @@ def _launch_env(how: str, base: dict, port: int, pid: int) -> dict:
 
 
 def _start_two(how: str, env: dict, *args, delay: float = 0.0) -> list[subprocess.Popen]:
-    port = _free_port(61440) if how == "slurm" else _free_port()
+    port = _free_port(61440) if how == "slurm" else _free_port(20000, 60999)
     procs = []
     for pid in (0, 1):
         procs.append(subprocess.Popen([sys.executable, "-m", "transformer_jax", "train", *args], cwd=REPO,
