@@ -1,4 +1,4 @@
-"""Checkpoint save time: the library's `Checkpointer` (sha256 manifests: each process hashes
+"""Checkpoint save time: the library's `Checkpointer` (CRC-32C manifests: each process checksums
 the files it wrote in orbax's background commit) against plain orbax on the same train state
 of the DESIGN.md bench model (decoder LM 6 x 512, vocab 32768, f32 params + AdamW moments).
 
@@ -73,7 +73,7 @@ def main() -> None:
         print(f"| {k} | {b:.3f} | {c:.3f} |")
     (pb, pc), (ob, oc) = med.values()
     print(f"\nours / plain: blocking {ob / pb:.2f}x, until committed {oc / pc:.2f}x; verifying one whole step "
-          f"(read + sha256 of every file, {HASH_THREADS} threads): {rehash:.3f} s")
+          f"(read + CRC-32C of every file, {HASH_THREADS} threads): {rehash:.3f} s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Checkpoints on real orbax and tmp dirs: round trip, other meshes, retention, corruption
 fallback, init_from, PreemptionGuard, kill -9 mid-save, two processes."""
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from transformer_jax.checkpoint import (MANIFEST_NAME, CheckpointConfig, CheckpointIntegrityError, Checkpointer,
                                         PreemptionGuard, init_from, verify_step_dir, write_manifest)
+from transformer_jax.checkpoint import integrity
 from transformer_jax.checkpoint.integrity import read_manifest
 from transformer_jax.checkpoint.items import decode_data_state, encode_data_state
 from transformer_jax.config import ConfigError
@@ -173,7 +175,7 @@ def _truncate(path: Path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("damage,reason", [(_flip, "sha256 mismatch"), (_truncate, "truncated")])
+@pytest.mark.parametrize("damage,reason", [(_flip, "checksum mismatch (crc32c)"), (_truncate, "truncated")])
 def test_damaged_newest_step_falls_back_to_previous(tmp_path, mesh, caplog, damage, reason):
     ckpt = Checkpointer(tmp_path / "ckpt")
     save_steps(ckpt, mesh, [100, 200, 300])
@@ -209,7 +211,7 @@ def test_each_process_hashes_its_own_files_and_the_main_manifest_vouches_for_the
                                                                 "commit_success.txt"}
     _flip(d / max(part["files"], key=lambda rel: part["files"][rel]["size"]))
     found = [verify_step_dir(d, share=(i, 3)) for i in range(3)]  # 3 "processes" share the hashing
-    assert sum(r is not None for r in found) == 1 and "sha256 mismatch" in "".join(r or "" for r in found)
+    assert sum(r is not None for r in found) == 1 and "checksum mismatch (crc32c)" in "".join(r or "" for r in found)
     (d / "MANIFEST.process_0.sha256.json").write_text("{}")
     assert verify_step_dir(d).startswith("corrupt: MANIFEST.process_0.sha256.json truncated (2 of")
 
@@ -220,7 +222,7 @@ def test_restore_verifies_only_what_it_reads(tmp_path, mesh):
         _flip(ckpt.step_dir(2) / "data_state" / "process_0-of-1.json")
         assert ckpt.restore(abstract_of(make_state(mesh, 0)), restore_data_state=False).step == 2
         r = ckpt.restore(abstract_of(make_state(mesh, 0)))
-        assert r.step == 1 and r.skipped[0][1] == "corrupt: data_state/process_0-of-1.json sha256 mismatch"
+        assert r.step == 1 and r.skipped[0][1] == "corrupt: data_state/process_0-of-1.json checksum mismatch (crc32c)"
 
 
 def test_missing_manifest_counts_as_incomplete(tmp_path, mesh, caplog):
@@ -246,9 +248,28 @@ def test_tampered_manifest_is_detected(tmp_path, mesh):
         m = ckpt.step_dir(1) / MANIFEST_NAME
         doc = json.loads(m.read_text())
         first = sorted(doc["body"]["files"])[0]
-        doc["body"]["files"][first]["sha256"] = "0" * 64
+        doc["body"]["files"][first]["crc32c"] = "0" * 8
         m.write_text(json.dumps(doc))
         assert ckpt.verify(1) == f"corrupt: {MANIFEST_NAME} self-checksum mismatch"
+
+
+def test_sha256_manifests_of_format_2_still_verify(tmp_path, mesh):
+    """Checkpoints saved before CRC-32C (format 2: sha256 of every file) still restore and still catch damage."""
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        save_steps(ckpt, mesh, [1])
+        d = ckpt.step_dir(1)
+    for name in sorted(p.name for p in d.glob("MANIFEST*.json")):  # parts first: the top lists their bytes
+        body = read_manifest(d, name)
+        for rel, entry in body["files"].items():
+            del entry["crc32c"]
+            entry.update(sha256=hashlib.sha256((d / rel).read_bytes()).hexdigest(), size=(d / rel).stat().st_size)
+        integrity._write_doc(d, name, dict(body, format=2, algorithm="sha256"))
+    assert read_manifest(d)["algorithm"] == "sha256" and verify_step_dir(d) is None
+    with Checkpointer(tmp_path / "ckpt", read_only=True) as reader:
+        assert reader.restore(abstract_of(make_state(mesh, 0))).step == 1
+    bad = largest_array_file(d)
+    _flip(bad)
+    assert verify_step_dir(d) == f"corrupt: {bad.relative_to(d).as_posix()} checksum mismatch (sha256)"
 
 
 def test_all_steps_corrupt_raises_clear_error_or_starts_fresh(tmp_path, mesh):

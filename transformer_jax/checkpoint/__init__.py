@@ -1,4 +1,4 @@
-"""Checkpoints: orbax CheckpointManager with sha256 manifests, fallback past corrupt steps,
+"""Checkpoints: orbax CheckpointManager with CRC-32C manifests, fallback past corrupt steps,
 restore onto any mesh, data-iterator state, `init_from` for fine-tuning, SIGTERM handling.
 
     ckpt = Checkpointer(workdir / "checkpoints", CheckpointConfig(keep_last=3, keep_every=10_000),

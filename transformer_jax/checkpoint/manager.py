@@ -7,13 +7,13 @@ Layout of a checkpoint directory (the trainer uses `<workdir>/checkpoints`):
     <dir>/<step>/config/         the experiment config (JSON)
     <dir>/<step>/meta/           small metadata (user dict + versions, device count, time)
     <dir>/<step>/tokenizer/      copy of the tokenizer files, if a tokenizer_dir was given
-    <dir>/<step>/MANIFEST.sha256.json   size + sha256 of every file above
+    <dir>/<step>/MANIFEST.sha256.json   size + CRC-32C of every file above (the manifest sealed by a sha256)
     <dir>/_quarantine/<step>     steps found corrupt or incomplete at restore, moved aside
 
 Every step is self-contained (tokenizer included), so a step directory can be copied
 alone and used by `init_from`, eval or export.
 
-Guarantee (async mode, local/NFS/GCSFuse disk): every process hashes the array files it
+Guarantee (async mode, local/NFS/GCSFuse disk): every process checksums the array files it
 wrote itself into `MANIFEST.process_<i>.sha256.json`, in orbax's background commit thread
 as soon as its own writes are done (in parallel across processes); process 0 then writes
 the tokenizer copy and `MANIFEST.sha256.json` (the remaining, small files and the
@@ -68,7 +68,7 @@ class CheckpointConfig(Config):
     keep_last: int = 3  # newest steps kept
     keep_every: int | None = None  # also keep forever every step that is a multiple of this
     async_save: bool = True
-    verify: bool = True  # check sha256 manifests at restore; fall back past bad steps
+    verify: bool = True  # check the manifests at restore; fall back past bad steps
     fresh_if_none_intact: bool = False  # the trainer starts fresh (bad steps quarantined) if no step is intact
 
     def validate(self) -> None:
