@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def run() -> int:
+    """The program: `main` in a process whose malloc uses huge pages where that helps (hugepages.py)."""
+    from transformer_jax import hugepages
+    hugepages.relaunch(["-m", "transformer_jax", *sys.argv[1:]])
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
