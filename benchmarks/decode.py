@@ -60,6 +60,19 @@ medians of 3 interleaved calls, by `benchmarks/decode.py --new-tokens 64 --no-ca
 Greedy tokens: JAX with and without the cache and HF's are all equal (64 tokens x 1, 8, 32 rows).
 Cache fill at batch 8 (prompt 16 or 272, then 16 tokens): jax 16.4 ms/step with a 32-slot cache,
 20.1 with a 288-slot one (1.23x); hf 35.1 and 44.6 (1.27x).
+
+The ratios depend on the CPU. On 2026-12-03, on a quiet 2-core Intel Xeon (avx512; load average
+1.0), same versions, `benchmarks/decode.py --no-cache-tokens 2` (256 new tokens), where HF's
+kernels run twice as fast at batch 1 as on the EPYC:
+
+| batch | jax ms/step | hf ms/step | x hf |
+|---|---|---|---|
+| 1 | 11.9 | 9.9 | 0.83 |
+| 8 | 24.3 | 33.3 | 1.37 |
+| 32 | 47.5 | 51.4 | 1.08 |
+
+(greedy tokens all equal); cache fill (`--batch "" --fill-batch 1,8,32 --repeats 5`): jax 1.22 /
+1.29 / 2.56 at batch 1 / 8 / 32, hf 1.07 / 1.23 / 2.13.
 """
 from __future__ import annotations
 
