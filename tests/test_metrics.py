@@ -25,6 +25,8 @@ def _write(workdir, records):
 
 def test_lm_loss_curve_is_in_bits_per_byte_with_compressor_lines(tmp_path):
     records = [{"step": s, "kind": "train", "tokens_seen": 100 * s, "loss": 4.0 - 0.2 * s} for s in range(1, 11)]
+    # a periodic evaluation of the first batches (more bytes per token than the whole split), then the whole split
+    records.append({"step": 5, "kind": "eval", "tokens_seen": 500, "loss": 3.0, "bits_per_byte": 1.2})
     records.append({"step": 10, "kind": "eval", "tokens_seen": 1000, "loss": 2.0, "bits_per_byte": 1.0})
     _write(tmp_path / "run", records)
     import matplotlib.pyplot as plt
@@ -44,8 +46,8 @@ def test_lm_loss_curve_is_in_bits_per_byte_with_compressor_lines(tmp_path):
         plt.Figure.savefig = savefig
     assert out.exists() and matplotlib.image.imread(out).shape[2] in (3, 4)
     assert captured["title"] == "default" and captured["ylabel"] == "bits per byte"
-    # every loss scaled by the final validation record's bits per byte / loss = 0.5
-    np.testing.assert_allclose(captured["lines"]["validation"], [1.0])
+    # validation points: each record's own bits per byte; train losses scaled by the final record's bpb / loss = 0.5
+    np.testing.assert_allclose(captured["lines"]["validation"], [1.2, 1.0])
     np.testing.assert_allclose(captured["lines"]["train"], [0.5 * (4.0 - 0.2 * s) for s in range(1, 11)])
     assert list(captured["lines"]["gzip -9 (1.900)"]) == [1.9, 1.9]
     assert list(captured["lines"]["ppmd o16 (1.400)"]) == [1.4, 1.4]

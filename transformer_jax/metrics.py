@@ -257,17 +257,20 @@ def plot_losses(workdir: str | Path, out: str | Path | None = None, *, x: str = 
     """Train and validation loss against tokens seen, from metrics.jsonl, to loss.png.
 
     When a validation record has bits per byte (a causal LM evaluated on its whole split), the
-    y axis is bits per byte: every loss is scaled by that record's bits-per-byte / loss (the
-    split's tokens per byte), and `baselines` ({compressor: bits/byte}) are drawn as
-    horizontal lines. `title`: the experiment's name (default: the workdir's)."""
+    y axis is bits per byte: each validation point is its record's own bits per byte (a periodic
+    evaluation of the first batches has its own bytes per token), every other loss is scaled by
+    the last such record's bits-per-byte / loss (the split's tokens per byte), and `baselines`
+    ({compressor: bits/byte}) are drawn as horizontal lines. `title`: the experiment's name
+    (default: the workdir's)."""
     records = read_metrics(workdir)
     train = [(r[x], r["loss"]) for r in records if r["kind"] == "train" and x in r and isinstance(r.get("loss"), float)]
-    evals = [(r[x], r["loss"]) for r in records if r["kind"] == "eval" and x in r and isinstance(r.get("loss"), float)]
-    if not train and not evals:
+    eval_records = [r for r in records if r["kind"] == "eval" and x in r and isinstance(r.get("loss"), float)]
+    if not train and not eval_records:
         return None
-    with_bpb = [r for r in records if r["kind"] == "eval" and isinstance(r.get("bits_per_byte"), float)
-                and isinstance(r.get("loss"), float) and r["loss"] > 0]
+    with_bpb = [r for r in eval_records if isinstance(r.get("bits_per_byte"), float) and r["loss"] > 0]
     scale = with_bpb[-1]["bits_per_byte"] / with_bpb[-1]["loss"] if with_bpb else 1.0
+    evals = [(r[x], r["bits_per_byte"] / scale if isinstance(r.get("bits_per_byte"), float) else r["loss"])
+             for r in eval_records]  # drawn times `scale` below
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
