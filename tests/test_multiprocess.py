@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from transformer_jax.checkpoint.items import decode_data_state
