@@ -263,27 +263,28 @@ def plot_losses(workdir: str | Path, out: str | Path | None = None, *, x: str = 
     ({compressor: bits/byte}) are drawn as horizontal lines. `title`: the experiment's name
     (default: the workdir's)."""
     records = read_metrics(workdir)
-    train = [(r[x], r["loss"]) for r in records if r["kind"] == "train" and x in r and isinstance(r.get("loss"), float)]
     eval_records = [r for r in records if r["kind"] == "eval" and x in r and isinstance(r.get("loss"), float)]
-    if not train and not eval_records:
-        return None
     with_bpb = [r for r in eval_records if isinstance(r.get("bits_per_byte"), float) and r["loss"] > 0]
     scale = with_bpb[-1]["bits_per_byte"] / with_bpb[-1]["loss"] if with_bpb else 1.0
-    evals = [(r[x], r["bits_per_byte"] / scale if isinstance(r.get("bits_per_byte"), float) else r["loss"])
-             for r in eval_records]  # drawn times `scale` below
+    train = [(r[x], r["loss"] * scale) for r in records
+             if r["kind"] == "train" and x in r and isinstance(r.get("loss"), float)]
+    evals = [(r[x], r["bits_per_byte"] if isinstance(r.get("bits_per_byte"), float) else r["loss"] * scale)
+             for r in eval_records]
+    if not train and not evals:
+        return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     if train:
-        ax.plot(*zip(*sorted((t, v * scale) for t, v in train)), label="train", linewidth=1, alpha=0.8)
+        ax.plot(*zip(*sorted(train)), label="train", linewidth=1, alpha=0.8)
     if evals:
-        ax.plot(*zip(*sorted((t, v * scale) for t, v in evals)), "o-", label="validation", linewidth=1.5)
+        ax.plot(*zip(*sorted(evals)), "o-", label="validation", linewidth=1.5)
     if with_bpb:
         for i, (name, value) in enumerate(sorted((baselines or {}).items(), key=lambda kv: -kv[1])):
             ax.axhline(value, color=f"C{i + 2}", linestyle="--", linewidth=1, label=f"{name} ({value:.3f})")
         ax.set_ylabel("bits per byte")
-        top = max([v * scale for _, v in train[len(train) // 10:] + evals] + list((baselines or {}).values()))
+        top = max([v for _, v in train[len(train) // 10:] + evals] + list((baselines or {}).values()))
         ax.set_ylim(bottom=0, top=1.1 * top)  # the first steps' loss would squash the curve
     else:
         ax.set_ylabel("loss (nats)")
