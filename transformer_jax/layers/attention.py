@@ -79,7 +79,7 @@ class MultiHeadAttention(nn.Module):
         query, key, value = proj(self.num_heads, "heads", "query"), proj(kv_heads, kv_axis, "key"), \
             proj(kv_heads, kv_axis, "value")
         if self.decode:  # no backward pass to save an all-reduce in, and in the token loop the join
-            # would copy every q/k/v kernel at every step (+34% ms/step at batch 8): one matmul each
+            # would copy every layer's q/k/v kernels at every step: one matmul each
             (q_BLHD,), (k_BSKD,), (v_BSKD,) = (fused_projections(x, (d,), repeats, self.dtype)
                                                for x, d in ((x_BLD, query), (x_kv_BSD, key), (x_kv_BSD, value)))
         elif self_attention:
