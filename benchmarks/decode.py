@@ -93,7 +93,7 @@ ARGS.add_argument("--prompt-len", type=int, default=32)
 ARGS.add_argument("--repeats", type=int, default=3, help="timed calls after the first; the median is reported")
 ARGS.add_argument("--fill-batch", default="8",
                   help="comma list of batch sizes of the cache-fill table (ms/step over a 32- and a 288-slot "
-                       "cache; 0 = skip)")
+                       "cache; 0 or \"\" = skip)")
 ARGS.add_argument("--no-cache-tokens", type=int, default=None,
                   help="new tokens for the no-cache rows (default: --new-tokens); shortens slow runs")
 ARGS.add_argument("--skip-hf", action="store_true", help="JAX rows only")
@@ -298,7 +298,7 @@ def main():
         for name in ("hf cache", "hf no cache"):
             if name in tokens:
                 notes.append(f"batch {b}: jax cache vs {name}: {agreement(ref, tokens[name])}")
-    fill = [int(x) for x in args.fill_batch.split(",") if int(x)]
+    fill = [int(x) for x in args.fill_batch.split(",") if x.strip() and int(x)]
     if fill:
         print(f"\nCache fill: ms/step with a 32- and a 288-slot cache, median [min-max] of {args.repeats} rounds; "
               "ratio = median 288 / median 32 (per-round ratios in brackets); goal <= 1.2 at batch 8")
