@@ -245,6 +245,16 @@ def test_cli_compiles_in_a_subprocess_with_the_mesh_device_count():
         assert line in r.stdout, (line, r.stdout)
 
 
+def test_cpu_plan_of_a_model_this_host_cannot_hold_skips_the_timings():
+    # llama_8b on 32 devices: its matmuls' operands (~1 TB) would not fit in host memory, and
+    # timing them used to end in the out-of-memory killer and a traceback
+    r = subprocess.run([sys.executable, "-m", "transformer_jax", "plan", "--config", "llama_8b", "--chip", "cpu",
+                        "--no-suggest"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr[-2000:]  # 1: does not fit
+    assert "Traceback" not in r.stderr and "prediction on 32 x cpu" in r.stdout
+    assert "the step's parts were not timed on this host" in r.stdout and "--chip v5p" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--mesh", "data=3"], "not divisible"),  # batch 8 over 3 rows (raised in the compiling child)
     (["--chip", "tpu9"], "--chip 'tpu9' is unknown"),

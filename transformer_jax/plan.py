@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -287,14 +288,23 @@ def run_plan(cfg, devices: int, chip_name: str, layers: int | None = None, sugge
     chip = get_chip(chip_name, devices)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len
     m = measure(cfg, devices, layers)
+    untimed = None
     if chip_name == "cpu":  # time the step's matmuls, memory-bound ops and collectives on these devices
         from transformer_jax.plan_cpu import Calibration
-        m["cpu"] = Calibration(m, devices, chip.peak_flops, chip.hbm_bandwidth).sample(3).predict()
+        from transformer_jax.train.hardware import available_host_bytes
+        need, free = Calibration.bytes_needed(m, devices), available_host_bytes()
+        if need <= free / 2:
+            m["cpu"] = Calibration(m, devices, chip.peak_flops, chip.hbm_bandwidth).sample(3).predict()
+        else:
+            untimed = (f"the step's parts were not timed on this host: their arrays need {need / 2 ** 30:,.1f} GiB "
+                       f"over {devices} devices, more than half of the {free / 2 ** 30:,.1f} GiB available; the "
+                       "prediction uses the default CPU matmul efficiency (plan for the chip you will run on: "
+                       "--chip v5p, h100, ...)")
     result = dict(name=cfg.name, devices=devices, tokens=tokens, batch=cfg.train.global_batch_size,
                   seq_len=cfg.train.seq_len, model=dict(family=cfg.model.family, layers=cfg.model.num_layers,
                   remat=cfg.model.remat, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                   grad_accum=cfg.optimizer.grad_accum_steps), measured=m, prediction=predict(m, chip, devices, tokens),
-                  notes=_notes(cfg, m, chip, devices), suggestion=None)
+                  notes=([untimed] if untimed else []) + _notes(cfg, m, chip, devices), suggestion=None)
     if suggest and not result["prediction"]["fits"]:
         result["suggestion"] = _search(cfg, devices, layers, chip, tokens)
     return result
@@ -372,6 +382,12 @@ def plan(cfg, *, devices: int | None = None, chip: str = "cpu", layers: int | No
         proc = subprocess.run([sys.executable, "-m", "transformer_jax.plan", str(req), str(out)], env=env,
                               capture_output=True, text=True)
         if not out.exists():
+            if proc.returncode < 0:
+                from transformer_jax.train.hardware import available_host_bytes
+                name = signal.Signals(-proc.returncode).name
+                hint = (f" (the system's out-of-memory killer, most likely: {n} devices of this model did not fit in "
+                        f"{available_host_bytes() / 2 ** 30:,.0f} GiB; try --layers 2)") if name == "SIGKILL" else ""
+                raise ConfigError(f"plan's compile process was killed by {name}{hint}")
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"plan subprocess failed (exit {proc.returncode}): {tail}")
         result = json.loads(out.read_text())

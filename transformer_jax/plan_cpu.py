@@ -130,6 +130,15 @@ class Calibration:
                 self.collectives[group] = {s: self._collective_timer(kind, int(n), s, bandwidth)
                                            for s in sorted({SMALL_BYTES, max(biggest, 2 * SMALL_BYTES)})}
 
+    @staticmethod
+    def bytes_needed(m: dict, devices: int) -> float:
+        """Host bytes the timers hold at once: every distinct matmul's operands and result (and
+        the loop's copy of it) and the largest collective's input and output, on every device."""
+        size = lambda shape: math.prod(_parse(shape)[1]) * np.dtype(_parse(shape)[0]).itemsize  # noqa: E731
+        dots = sum(size(lhs) + size(rhs) + 2 * size(out) for lhs, rhs, _, out in (s.split(";") for s in m["dots"]))
+        coll = max((float(k.split()[2]) for k in m["collective_ops"]), default=0.0)
+        return devices * (dots + 4 * coll)
+
     # -- the timers ----------------------------------------------------------------------------
     def _dot_timer(self, sig: str, peak: float) -> _Timer:
         import jax

@@ -152,6 +152,18 @@ def host_memory_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def available_host_bytes() -> float:
+    """Memory a new allocation can get now (MemAvailable; the total where /proc/meminfo is missing)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return host_memory_bytes()
+
+
 # A guess, used only by plan.predict() on figures without timed parts: `plan --chip cpu`
 # times the step's own matmuls, memory-bound ops and collectives instead (plan_cpu.py).
 CPU_MATMUL_EFFICIENCY = 0.7
