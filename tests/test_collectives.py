@@ -86,6 +86,15 @@ def test_collectives_within_1_1x_of_the_textbook(preset):
     assert sum(got.values()) >= 0.9 * sum(want.values()), (got, want)  # the formula is not an overestimate
 
 
+def test_fsdp_gathers_a_bf16_rematerialised_layer_once_per_pass():
+    # f32 master weights, bf16 compute, layers recomputed in the backward pass: the recomputation
+    # and the input gradient share one gather of the cast kernel (autodiff of the cast gathered it
+    # twice, as f32 for an f32 input-gradient matmul: 1.20x here, 1.34x on plan's llama_8b)
+    _, got, want, *_ = measure("fsdp", remat="full", dtype="bfloat16")
+    assert got["all-gather"] <= 1.02 * want["all-gather"], (got, want)
+    assert got["reduce-scatter"] <= 1.02 * want["reduce-scatter"], (got, want)
+
+
 def test_data_parallel_reduces_once_per_step_not_per_chunk_or_microbatch():
     setup, got, want, stats, _ = measure("dp", accum=2, rows=16)
     assert stats.loops and max(stats.loops.values()) >= 2  # the loops are there, and counted

@@ -12,6 +12,7 @@ names and B its output names (the rank axis is unsharded), so sharding rules app
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -26,12 +27,48 @@ def matmul(x: jax.Array, w: jax.Array, n_contract: int, dtype: Any) -> jax.Array
     """Contracts the last `n_contract` dims of x with the first of w, in `dtype`.
 
     Accumulates in float32 (`preferred_element_type`) and returns `dtype`: the fast
-    path for bf16 on CPUs and accelerators alike, and exact for float32.
+    path for bf16 on CPUs and accelerators alike, and exact for float32. With weights
+    stored wider than `dtype` (f32 master weights, bf16 compute) the backward pass's two
+    matmuls also run in `dtype` with float32 accumulation (`_mixed_matmul`).
     """
-    x, w = x.astype(dtype), w.astype(dtype)
-    dims = (tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract)))
-    y = jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=jnp.float32)
+    if w.dtype != jnp.dtype(dtype):
+        return _mixed_matmul(x, w, n_contract, jnp.dtype(dtype))
+    x = x.astype(dtype)
+    y = jax.lax.dot_general(x, w, _contract_last(x.ndim, n_contract), preferred_element_type=jnp.float32)
     return y.astype(dtype)
+
+
+def _contract_last(x_ndim: int, n: int):
+    return (tuple(range(x_ndim - n, x_ndim)), tuple(range(n))), ((), ())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _mixed_matmul(x, w, n_contract, dtype):
+    return _mixed_fwd(x, w, n_contract, dtype)[0]
+
+
+def _mixed_fwd(x, w, n_contract, dtype):
+    xc, wc = x.astype(dtype), w.astype(dtype)
+    y = jax.lax.dot_general(xc, wc, _contract_last(xc.ndim, n_contract), preferred_element_type=jnp.float32)
+    # the cast kernel is the residual: under FSDP its one gather serves the forward pass, the
+    # recomputation of a rematerialised layer and the input gradient alike
+    return y.astype(dtype), (xc, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _mixed_bwd(n_contract, dtype, res, g):
+    """dx = g . w^T and dw = x^T . g from the `dtype` cotangent, accumulated in float32 (autodiff
+    of the forward would run both in float32: its output cotangent is float32)."""
+    xc, wc, x_dtype, w_dtype = res
+    g = g.astype(dtype)
+    n_out, n_batch = wc.ndim - n_contract, xc.ndim - n_contract
+    dx = jax.lax.dot_general(g, wc, ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_contract, wc.ndim))),
+                                     ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(xc, g, ((tuple(range(n_batch)), tuple(range(n_batch))), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
+
+
+_mixed_matmul.defvjp(_mixed_fwd, _mixed_bwd)
 
 
 def fan_in_init(n_in: int, ndim: int, scale: float = 1.0) -> Init:

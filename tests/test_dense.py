@@ -1,0 +1,60 @@
+"""`layers/dense.py`: the projection's matmul. With f32 master weights and bf16 compute its
+backward pass runs in bf16 with f32 accumulation (a custom VJP), against float32 autodiff."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax.layers.dense import matmul
+
+CASES = [  # x shape, w shape, contracted dims
+    ((4, 8, 16), (16, 3, 5), 1),  # [B, L, D] . [D, H, Dh]
+    ((4, 8, 3, 5), (3, 5, 16), 2),  # [B, L, H, Dh] . [H, Dh, D]
+]
+
+
+def _inputs(xs, ws, x_dtype=jnp.bfloat16):
+    kx, kw = jax.random.split(jax.random.key(0))
+    return jax.random.normal(kx, xs).astype(x_dtype), jax.random.normal(kw, ws) / np.sqrt(ws[0])
+
+
+@pytest.mark.parametrize("xs,ws,n", CASES)
+def test_forward_is_the_bf16_product_accumulated_in_f32(xs, ws, n):
+    x, w = _inputs(xs, ws)
+    want = jnp.tensordot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), n,
+                         preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    got = matmul(x, w, n, jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("xs,ws,n", CASES)
+def test_mixed_gradients_match_float32_autodiff(xs, ws, n, x_dtype):
+    x, w = _inputs(xs, ws, x_dtype)
+    r = jax.random.normal(jax.random.key(1), xs[:len(xs) - n] + ws[n:])
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * r)
+    dx, dw = jax.grad(loss(lambda x, w: matmul(x, w, n, jnp.bfloat16)), argnums=(0, 1))(x, w)
+    rx, rw = jax.grad(loss(lambda x, w: jnp.tensordot(x.astype(jnp.float32), w, n)), argnums=(0, 1))(x, w)
+    assert dx.dtype == x.dtype and dw.dtype == jnp.float32  # each cotangent in its input's dtype
+    for got, want in ((dx, rx), (dw, rw)):  # bf16 inputs, f32 sums: ~3 significant digits
+        err = np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max()
+        assert err <= 2e-2 * np.abs(np.asarray(want, np.float32)).max(), err
+
+
+def test_backward_matmuls_run_in_the_compute_dtype():
+    x, w = _inputs(*CASES[0][:2])
+    grad = jax.grad(lambda x, w: jnp.sum(matmul(x, w, 1, jnp.bfloat16).astype(jnp.float32) ** 2), argnums=(0, 1))
+    dots = [e for e in jax.make_jaxpr(grad)(x, w).eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3  # forward, dx, dw
+    for e in dots:
+        assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e  # never upcast to f32 operands
+        assert e.params["preferred_element_type"] == jnp.float32
+
+
+def test_float32_weights_and_compute_take_plain_autodiff():
+    x, w = _inputs(*CASES[0][:2], x_dtype=jnp.float32)
+    grad = jax.grad(lambda w: jnp.sum(matmul(x, w, 1, jnp.float32) ** 2))
+    assert "custom_vjp" not in str(jax.make_jaxpr(grad)(w))
