@@ -10,10 +10,15 @@ timed step with one round of plan_cpu.py's timings of the step's parts (its matm
 an elementwise chain, its collectives), so that both see the same load; the table gives
 medians over the rounds. error = predicted / measured - 1.
 
-Measured on a 2-core host under heavy load from other jobs (load average ~25; the absolute
-times are inflated ~10x, 27 min wall): 1 device +5%, -4%, -8%; 8 devices -59%, -59%, -49%
-(the 8-device steps took as long as the 1-device ones, while their parts, timed alone on
-the 8 devices at once, ran ~2x faster per host). Not yet checked on a quiet host.
+Measured alone on a 2-core Xeon (2026-12-03, `python benchmarks/plan_check.py`, 2:46 wall):
+1 device -5%, +6%, -7%; 8 devices -34%, -35%, -32% (with one bandwidth at the median op
+size instead of plan_cpu.py's curve: -43%, -48%, -31%). What the 8-device prediction
+misses, from `perf record` of the llama fsdp step: its matmuls take 34% of the CPU time,
+which is what `compute` predicts, but its fusions take 49% (1.1 CPU-s per step against
+0.45 predicted from the elementwise curve) and the kernel 14% (zeroing fresh pages 5%,
+switching between the 8 device threads on 2 cores 7%). A chain of dot, GELU, dot and
+layer norm on 8 devices costs what its parts cost alone (0.90x), so the miss lies in the
+step's own kinds of fusion, not in running many ops in a row.
 """
 from __future__ import annotations
 
@@ -92,6 +97,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
+    from transformer_jax import hugepages
+    hugepages.relaunch([__file__, *sys.argv[1:]])  # as `transformer-jax plan` runs (hugepages.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, help="one mesh size, in this process (default: 1 and 8, one process each)")
     ap.add_argument("--rounds", type=int, default=5, help="timed steps (each followed by a round of part timings)")

@@ -37,12 +37,27 @@ def test_each_distinct_dot_is_timed_as_the_step_runs_it(cal):
     # collectives: per (kind, group) at 4 KiB and at the step's largest; groups of 1 are no collective
     assert set(cal.collectives) == {("all-reduce", 8), ("all-gather", 4)}
     assert sorted(cal.collectives["all-reduce", 8]) == [4096, 8192]
+    # memory-bound ops: an elementwise curve at 4 KiB, 64 KiB and every 4x up to the largest op (2e5 bytes)
+    assert sorted(cal.elementwise) == [4096, 65536, 200000]
+
+
+def test_memory_bound_ops_are_timed_on_the_curve_between_its_points(cal):
+    (s0, a), (s1, b), (s2, c) = sorted((s, t.seconds()) for s, t in cal.elementwise.items())
+    assert cal.op_seconds(100) == cal.op_seconds(s0) == a  # flat below the smallest point
+    assert cal.op_seconds(s1) == pytest.approx(b) and cal.op_seconds(s2) == pytest.approx(c)
+    mid = (s1 + s2) / 2
+    assert cal.op_seconds(mid) == pytest.approx((b + c) / 2)
+    assert cal.op_seconds(2 * s2) == pytest.approx(c + max(0.0, c - b) * s2 / (s2 - s1))  # the last slope, on
+    fig = cal.figures()
+    assert fig["op_s"] == min(a, b, c) and sorted(fig["curve"]) == [s0, s1, s2]
+    moved = 5 * (cal.op_seconds(2e5) - fig["op_s"]) + 7 * (cal.op_seconds(4e3) - fig["op_s"])
+    assert fig["bandwidth"] == pytest.approx((5 * 2e5 + 7 * 4e3) / moved)
 
 
 def test_prediction_is_the_sum_of_the_timed_parts(cal):
     p, fig = cal.predict(), cal.figures()
     assert p["compute_s"] == pytest.approx(12 * cal.dots[DOT].seconds() + 3 * cal.dots[BATCHED].seconds())
-    assert p["memory_s"] == pytest.approx(5 * (fig["op_s"] + 2e5 / fig["bandwidth"]) + 7 * (fig["op_s"] + 4e3 / fig["bandwidth"]))
+    assert p["memory_s"] == pytest.approx(5 * cal.op_seconds(2e5) + 7 * cal.op_seconds(4e3))
     lat, per_byte = fig["collectives"]["all-reduce 8"]
     assert p["comm_by_kind_s"]["all-reduce"] == pytest.approx(4 * (lat + 4096 * per_byte))
     assert p["step_s"] == pytest.approx(p["compute_s"] + p["memory_s"] + p["comm_s"])

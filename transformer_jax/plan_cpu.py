@@ -10,9 +10,12 @@ of the host is what the step gets too):
 
     compute = sum over the step's distinct matmuls (HLO dot shapes, layouts and dimension
               numbers, hlo_analysis.dot_signature) of executions x that dot's time
-    memory  = sum over the other ops of executions x (op_s + HBM bytes / bandwidth), op_s and
-              bandwidth fitted to a chain of elementwise ops at a small size and at the
-              bytes-weighted median size of the step's own ops
+    memory  = sum over the other ops of executions x the time of an elementwise op of the same
+              bytes, read off a curve timed at 4 KiB and at every 4x from 64 KiB up to the
+              step's largest op (straight lines between the points). The bandwidth depends
+              on the size: on a 2-core Xeon with 8 fake devices, 5.0 GB/s per device at 4 MiB
+              (the caches hold all 8 devices' arrays) and 1.6 GB/s from 64 MiB on, so one
+              bandwidth at the median op size put the 8-device step's memory time at half
     comm    = sum over the collectives as XLA:CPU emits them (kind, group, bytes) of
               executions x (latency + bytes x seconds per byte), fitted per kind and group at
               4 KiB and at the step's largest collective
@@ -112,15 +115,7 @@ class Calibration:
         self.mesh = jax.make_mesh((devices,), ("x",), devices=jax.devices()[:devices],
                                   axis_types=(jax.sharding.AxisType.Auto,))
         self.dots = {sig: self._dot_timer(sig, peak_flops) for sig in m["dots"]}
-        mem = sorted((b, t) for t, f, b in m["ops"] if not f and b)
-        total = sum(b * t for b, t in mem)
-        acc, self.large_bytes = 0.0, SMALL_BYTES * 4
-        for b, t in mem:  # bytes-weighted median size of the memory-bound ops
-            acc += b * t
-            if acc >= total / 2:
-                self.large_bytes = int(max(b, SMALL_BYTES * 4))
-                break
-        self.elementwise = {size: self._elementwise_timer(size, bandwidth) for size in (SMALL_BYTES, self.large_bytes)}
+        self.elementwise = {size: self._elementwise_timer(size, bandwidth) for size in self.curve_sizes(m)}
         self.collectives: dict[tuple[str, int], dict[int, _Timer]] = {}
         for key in m["collective_ops"]:
             kind, n, nbytes = key.split()
@@ -131,13 +126,26 @@ class Calibration:
                                            for s in sorted({SMALL_BYTES, max(biggest, 2 * SMALL_BYTES)})}
 
     @staticmethod
+    def curve_sizes(m: dict) -> list[int]:
+        """Bytes per op (read + written) at which the elementwise chain is timed: 4 KiB, then
+        64 KiB and every 4x up to the step's largest memory-bound op."""
+        largest = max((b for t, f, b in m["ops"] if not f and b), default=0.0)
+        sizes, size = [SMALL_BYTES], 16 * SMALL_BYTES
+        while size < largest:
+            sizes.append(size)
+            size *= 4
+        return sizes + [int(max(largest, 16 * SMALL_BYTES))]
+
+    @staticmethod
     def bytes_needed(m: dict, devices: int) -> float:
         """Host bytes the timers hold at once: every distinct matmul's operands and result (and
-        the loop's copy of it) and the largest collective's input and output, on every device."""
+        the loop's copy of it), the elementwise curve's arrays and the largest collective's input
+        and output, on every device."""
         size = lambda shape: math.prod(_parse(shape)[1]) * np.dtype(_parse(shape)[0]).itemsize  # noqa: E731
         dots = sum(size(lhs) + size(rhs) + 2 * size(out) for lhs, rhs, _, out in (s.split(";") for s in m["dots"]))
+        elementwise = sum(Calibration.curve_sizes(m))
         coll = max((float(k.split()[2]) for k in m["collective_ops"]), default=0.0)
-        return devices * (dots + 4 * coll)
+        return devices * (dots + elementwise + 4 * coll)
 
     # -- the timers ----------------------------------------------------------------------------
     def _dot_timer(self, sig: str, peak: float) -> _Timer:
@@ -202,12 +210,27 @@ class Calibration:
         per_byte = max(0.0, (t1 - t0) / (s1 - s0)) if s1 > s0 else 0.0
         return max(0.0, t0 - per_byte * s0), per_byte
 
+    def op_seconds(self, nbytes: float) -> float:
+        """Time of one memory-bound op moving `nbytes`: straight lines through the elementwise
+        curve's points, flat below 4 KiB, the last segment's slope past the largest."""
+        points = sorted((s, t.seconds()) for s, t in self.elementwise.items())
+        if nbytes <= points[0][0]:
+            return points[0][1]
+        for (s0, t0), (s1, t1) in zip(points, points[1:]):
+            if nbytes <= s1:
+                return t0 + (t1 - t0) * (nbytes - s0) / (s1 - s0)
+        return t1 + max(0.0, t1 - t0) * (nbytes - s1) / (s1 - s0)
+
     def figures(self) -> dict:
-        """The calibration itself, as plain data (the report shows it)."""
-        op_s, per_byte = self._line(self.elementwise)
+        """The calibration itself, as plain data (the report shows it): `bandwidth` is the
+        memory-bound ops' bytes over their time beyond `op_s`, the curve's per-op overhead."""
+        op_s = min(t.seconds() for t in self.elementwise.values())
+        mem = [(t, b) for t, f, b in self.m["ops"] if not f]
+        moving = sum(t * (self.op_seconds(b) - op_s) for t, b in mem)
         dot_s = sum(t * self.dots[sig].seconds() for sig, t in self.m["dots"].items())
         dot_flops = sum(t * f for t, f, _ in self.m["ops"] if f)
-        return dict(op_s=op_s, bandwidth=1 / per_byte if per_byte else math.inf,
+        return dict(op_s=op_s, bandwidth=sum(t * b for t, b in mem) / moving if moving > 0 else math.inf,
+                    curve={s: s / t.seconds() for s, t in sorted(self.elementwise.items())},
                     matmul_flops_per_s=dot_flops / dot_s if dot_s else 0.0,
                     collectives={f"{k} {n}": self._line(p) for (k, n), p in self.collectives.items()})
 
@@ -215,7 +238,7 @@ class Calibration:
         fig = self.figures()
         compute = sum(t * self.dots[sig].seconds() for sig, t in self.m["dots"].items())
         # fusions around a dot are timed as the dot (XLA:CPU's dot fusions are a dot + a cheap epilogue)
-        memory = sum(t * (fig["op_s"] + b / fig["bandwidth"]) for t, f, b in self.m["ops"] if not f)
+        memory = sum(t * self.op_seconds(b) for t, f, b in self.m["ops"] if not f)
         comm_by_kind: dict[str, float] = {}
         for key, t in self.m["collective_ops"].items():
             kind, n, nbytes = key.split()
