@@ -10,18 +10,16 @@ timed step with one round of plan_cpu.py's timings of the step's parts (its matm
 an elementwise chain, its collectives), so that both see the same load; the table gives
 medians over the rounds. error = predicted / measured - 1.
 
-Measured alone on a 2-core Xeon (2026-12-03, `python benchmarks/plan_check.py`, 2:46 wall):
-1 device -5%, +6%, -7%; 8 devices -34%, -35%, -32% (with one bandwidth at the median op
-size instead of plan_cpu.py's curve: -43%, -48%, -31%). What the 8-device prediction
-misses, from `perf record` of the llama fsdp step: its matmuls take 34% of the CPU time,
-which is what `compute` predicts, but its fusions take 49% (1.1 CPU-s per step against
-0.45 predicted from the elementwise curve) and the kernel 14% (zeroing fresh pages 5%,
-switching between the 8 device threads on 2 cores 7%). A chain of dot, GELU, dot and
-layer norm on 8 devices costs what its parts cost alone (0.90x), so the miss lies in the
-step's own kinds of fusion, not in running many ops in a row: at 4 MiB per device a softmax
-or layer norm moves its bytes 2.8x slower than the curve's `x * a + b`, a transpose of the
-heads 3x, a 2-D transpose 12x, on 1 and on 8 devices alike. Timing memory-bound ops by kind
-is the next step.
+Measured alone on a 2-core Xeon (2026-12-03, `python benchmarks/plan_check.py`, 4:46 wall):
+1 device +8%, +19%, +1%; 8 devices -14%, -31%, -12%. Before the memory-bound ops were timed
+by kind and size (plan_cpu.py), with one bandwidth at their median size: 1 device -5%,
++6%, -7%; 8 devices -43%, -48%, -31%. Where the llama fsdp step's remaining 8-device miss
+lies (`perf record` and a profile against each op's predicted time): its matmuls take what
+`compute` predicts; the softmax backward's row sums (a YNNPACK reduction fusion) take 6x
+their prediction, 46 ms of 1.3 s; transposes 1.5x; and the kernel 14% of the CPU time
+(zeroing fresh pages 5%, switching between the 8 device threads on 2 cores 7%), which
+nothing here models. A chain of dot, GELU, dot and layer norm on 8 devices costs what its
+parts cost alone (0.90x): running many ops in a row is not what the model misses.
 """
 from __future__ import annotations
 
@@ -71,6 +69,8 @@ def run(devices: int, rounds: int) -> list[dict]:
         cal = Calibration(m, devices)
         times = []
         for _ in range(rounds):
+            state, metrics = step(state, batch)  # untimed: the first step after the timings runs slow
+            jax.block_until_ready(metrics)
             t0 = time.perf_counter()
             state, metrics = step(state, batch)
             jax.block_until_ready(metrics)

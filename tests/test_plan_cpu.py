@@ -17,6 +17,7 @@ BATCHED = ("f32[2,8,16]{2,1,0};f32[2,16,4]{2,1,0};lhs_batch_dims={0},lhs_contrac
 # what plan.measure() returns, as far as the CPU model reads it: (executions, FLOPs, bytes) per op
 FIGURES = dict(dots={DOT: 12.0, BATCHED: 3.0}, ops=[[12.0, 2 * 64 * 16 * 32, 1e4], [3.0, 2 * 2 * 8 * 4 * 16, 1e3],
                                                  [5.0, 0.0, 2e5], [7.0, 0.0, 4e3]],
+               memory_ops=[[5.0, 2e5, "elementwise"], [7.0, 4e3, "reduce"]],  # (executions, bytes, kind)
                collective_ops={"all-reduce 8 4096": 4.0, "all-gather 4 1024": 2.0, "all-reduce 1 64": 9.0})
 
 
@@ -37,27 +38,33 @@ def test_each_distinct_dot_is_timed_as_the_step_runs_it(cal):
     # collectives: per (kind, group) at 4 KiB and at the step's largest; groups of 1 are no collective
     assert set(cal.collectives) == {("all-reduce", 8), ("all-gather", 4)}
     assert sorted(cal.collectives["all-reduce", 8]) == [4096, 8192]
-    # memory-bound ops: an elementwise curve at 4 KiB, 64 KiB and every 4x up to the largest op (2e5 bytes)
-    assert sorted(cal.elementwise) == [4096, 65536, 200000]
+    # memory-bound ops: a curve per kind the step has (and elementwise) at 4 KiB, 64 KiB and every
+    # 4x up to the largest op (2e5 bytes); the reduce kind's program reduces
+    assert sorted(cal.memory) == ["elementwise", "reduce"]
+    assert all(sorted(curve) == [4096, 65536, 200000] for curve in cal.memory.values())
+    assert "reduce(" in cal.memory["reduce"][65536].fn.as_text()
+    assert "reduce(" not in cal.memory["elementwise"][65536].fn.as_text()
 
 
-def test_memory_bound_ops_are_timed_on_the_curve_between_its_points(cal):
-    (s0, a), (s1, b), (s2, c) = sorted((s, t.seconds()) for s, t in cal.elementwise.items())
-    assert cal.op_seconds(100) == cal.op_seconds(s0) == a  # flat below the smallest point
-    assert cal.op_seconds(s1) == pytest.approx(b) and cal.op_seconds(s2) == pytest.approx(c)
-    mid = (s1 + s2) / 2
-    assert cal.op_seconds(mid) == pytest.approx((b + c) / 2)
-    assert cal.op_seconds(2 * s2) == pytest.approx(c + max(0.0, c - b) * s2 / (s2 - s1))  # the last slope, on
+def test_memory_bound_ops_are_timed_on_their_kinds_curve_between_its_points(cal):
+    (s0, a), (s1, b), (s2, c) = sorted((s, t.seconds()) for s, t in cal.memory["reduce"].items())
+    op = lambda nbytes: cal.op_seconds(nbytes, "reduce")  # noqa: E731
+    assert op(100) == op(s0) == a  # flat below the smallest point
+    assert op(s1) == pytest.approx(b) and op(s2) == pytest.approx(c)
+    assert op((s1 + s2) / 2) == pytest.approx((b + c) / 2)
+    assert op(2 * s2) == pytest.approx(c + max(0.0, c - b) * s2 / (s2 - s1))  # the last slope, on
+    assert cal.op_seconds(s1, "permute") == cal.op_seconds(s1)  # a kind not timed: elementwise
     fig = cal.figures()
-    assert fig["op_s"] == min(a, b, c) and sorted(fig["curve"]) == [s0, s1, s2]
-    moved = 5 * (cal.op_seconds(2e5) - fig["op_s"]) + 7 * (cal.op_seconds(4e3) - fig["op_s"])
+    assert fig["op_s"] == min(t.seconds() for t in cal.memory["elementwise"].values())
+    assert sorted(fig["curves"]) == ["elementwise", "reduce"] and sorted(fig["curves"]["reduce"]) == [s0, s1, s2]
+    moved = 5 * (cal.op_seconds(2e5) - fig["op_s"]) + 7 * (op(4e3) - fig["op_s"])
     assert fig["bandwidth"] == pytest.approx((5 * 2e5 + 7 * 4e3) / moved)
 
 
 def test_prediction_is_the_sum_of_the_timed_parts(cal):
     p, fig = cal.predict(), cal.figures()
     assert p["compute_s"] == pytest.approx(12 * cal.dots[DOT].seconds() + 3 * cal.dots[BATCHED].seconds())
-    assert p["memory_s"] == pytest.approx(5 * cal.op_seconds(2e5) + 7 * cal.op_seconds(4e3))
+    assert p["memory_s"] == pytest.approx(5 * cal.op_seconds(2e5, "elementwise") + 7 * cal.op_seconds(4e3, "reduce"))
     lat, per_byte = fig["collectives"]["all-reduce 8"]
     assert p["comm_by_kind_s"]["all-reduce"] == pytest.approx(4 * (lat + 4096 * per_byte))
     assert p["step_s"] == pytest.approx(p["compute_s"] + p["memory_s"] + p["comm_s"])

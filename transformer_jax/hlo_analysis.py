@@ -85,6 +85,7 @@ class HloStats:
         default_factory=lambda: {k: CollectiveStats() for k in COLLECTIVES})
     ops: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)  # (times, flops, bytes)
     op_labels: list[str] = dataclasses.field(default_factory=list)  # "opcode name: op_name metadata", per op
+    op_kinds: list[str] = dataclasses.field(default_factory=list)  # op_kind() of each op
     loops: dict[str, int] = dataclasses.field(default_factory=dict)  # while body -> trip count
     unknown_loops: list[str] = dataclasses.field(default_factory=list)
     sliced_all_reduces: int = 0  # all-reduce elements counted as reduce-scatter
@@ -344,6 +345,42 @@ def _flops_inside(comp: Computation, comps, seen: int = 0) -> float:
     return sum(f for f, _ in _dots_inside(comp, comps, seen))
 
 
+def _minor_dim(shape: str) -> int | None:
+    """The logical dimension stored minor-most, among those longer than 1 (None: a scalar)."""
+    dims = shape_dims(shape)
+    m = re.search(r"\]\{([\d,]*)", shape)
+    order = [int(d) for d in m.group(1).split(",") if d] if m and m.group(1) else list(range(len(dims)))[::-1]
+    return next((d for d in order if d < len(dims) and dims[d] > 1), None)
+
+
+def _reorders(i: Instr, source: Instr | None) -> str | None:
+    """How a transpose or a copy between layouts moves elements: "transpose" when the
+    minor-most dimension changes (element by element), "permute" when it stays (whole rows
+    move), None when nothing moves."""
+    if source is None or i.opcode not in ("transpose", "copy"):
+        return None
+    src, out = _minor_dim(source.shape), _minor_dim(i.shape)
+    if i.opcode == "transpose":
+        perm = [int(d) for d in re.search(r"dimensions=\{([\d,]*)\}", i.attrs).group(1).split(",") if d]
+        out = perm[out] if out is not None else None
+    elif source.shape.split("{")[-1] == i.shape.split("{")[-1]:
+        return None  # a copy in the same layout
+    return "transpose" if src != out else "permute"
+
+
+def op_kind(instr: Instr, comp: Computation, fused: Computation | None) -> str:
+    """What a memory-bound op does to its bytes, as far as moving them costs: "reduce" (a
+    reduction inside: norms, softmax, sums), "transpose" (the minor-most dimension changes:
+    elements move one by one), "permute" (a layout change that moves whole rows, e.g. heads
+    swapped with positions) or "elementwise" (everything else: maps, slices, updates)."""
+    ops = fused.instrs if fused is not None else [instr]
+    inner = fused.by_name if fused is not None else comp.by_name
+    if any(i.opcode in ("reduce", "reduce-window") for i in ops):
+        return "reduce"
+    moves = {_reorders(i, inner.get(i.operands[0]) if i.operands else None) for i in ops}
+    return "transpose" if "transpose" in moves else "permute" if "permute" in moves else "elementwise"
+
+
 def analyze_hlo(text: str, num_devices: int = 1) -> HloStats:
     """Per-device matmul FLOPs, HBM bytes of top-level ops and collectives, loops counted."""
     comps, entry = parse_module(text)
@@ -390,6 +427,7 @@ def analyze_hlo(text: str, num_devices: int = 1) -> HloStats:
             stats.hbm_bytes += times * nbytes
             stats.ops.append((times, flops, nbytes))
             stats.op_labels.append(f"{op} {instr.name}: {op_name}")
+            stats.op_kinds.append(op_kind(instr, comp, fused))
 
     visit(entry, 1.0)
     return stats

@@ -23,8 +23,10 @@ loop trip counts applied), and one predicted step time for the chip (train/hardw
 
 `efficiency` is the fraction of peak the step's matmuls reach (hardware.py: assumed 0.8 on
 accelerators). With `--chip cpu` (this host) the three terms are instead timed: the step's
-own matmuls, an elementwise chain and its collectives, each alone on the mesh's devices
-(transformer_jax/plan_cpu.py; benchmarks/plan_check.py compares the sum with measured steps). Ops are those of XLA:CPU's fusion, coarser than TPU/GPU's
+own matmuls, ops of each memory-bound kind (map, reduction, transpose) at the step's sizes
+and its collectives, each alone on the mesh's devices (transformer_jax/plan_cpu.py;
+benchmarks/plan_check.py compares the sum with measured steps). Ops are those of XLA:CPU's
+fusion, coarser than TPU/GPU's
 (and bf16 converted to f32 around elementwise ops), so `memory` leans high off CPU. A
 footnote gives the bounds: everything overlapped at full peak (roofline) and nothing
 overlapped at full peak.
@@ -140,7 +142,7 @@ def _compile_once(cfg, devices: int, setup=None) -> dict:
         alias_bytes=float(mem.alias_size_in_bytes), temp_bytes=float(mem.temp_size_in_bytes),
         model_flops=float(setup.flops_per_step(batch)), dot_flops=hlo.dot_flops, hbm_bytes=hlo.hbm_bytes,
         remat_flops=remat_flops(cfg.model, cfg.task.task, batch),
-        ops=_compact_ops(hlo.ops), dots=hlo.dots, collective_ops=hlo.collective_ops, unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
+        ops=_compact_ops(hlo.ops), memory_ops=_memory_ops(hlo), dots=hlo.dots, collective_ops=hlo.collective_ops, unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
         collectives={k: dataclasses.asdict(v) for k, v in hlo.collectives.items()},
         textbook=textbook_bytes(setup, batch),
         mesh=_mesh_str(mesh_cfg_of(cfg, devices)), preset=cfg.mesh.preset)
@@ -158,6 +160,16 @@ def _compact_ops(ops) -> list[list[float]]:
     for t, f, b in ops:
         merged[(f, b)] = merged.get((f, b), 0.0) + t
     return [[t, f, b] for (f, b), t in merged.items()]
+
+
+def _memory_ops(hlo) -> list[list]:
+    """(times, bytes, kind) of the ops without a matmul, identical ones merged: what the CPU
+    model times (plan_cpu.py)."""
+    merged: dict[tuple[float, str], float] = {}
+    for (t, f, b), kind in zip(hlo.ops, hlo.op_kinds):
+        if not f:
+            merged[(b, kind)] = merged.get((b, kind), 0.0) + t
+    return [[t, b, kind] for (b, kind), t in merged.items()]
 
 
 def measure(cfg, devices: int, layers: int | None = None, setup=None) -> dict:
@@ -183,6 +195,8 @@ def measure(cfg, devices: int, layers: int | None = None, setup=None) -> dict:
     for key in ("dots", "collective_ops"):
         out[key] = {k: lin(a[key].get(k, 0.0), b[key].get(k, 0.0)) for k in {*a[key], *b[key]}}
     out["ops"] = [[t * x, f, by] for t, f, by in b["ops"]] + [[t * (1 - x), f, by] for t, f, by in a["ops"]]
+    out["memory_ops"] = [[t * x, by, k] for t, by, k in b["memory_ops"]] + \
+        [[t * (1 - x), by, k] for t, by, k in a["memory_ops"]]
     out["model_flops"] = float(exact["model_flops"])
     out["remat_flops"] = float(exact["remat_flops"])
     out["compiled_layers"] = [layers, k2]

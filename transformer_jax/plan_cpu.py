@@ -10,12 +10,15 @@ of the host is what the step gets too):
 
     compute = sum over the step's distinct matmuls (HLO dot shapes, layouts and dimension
               numbers, hlo_analysis.dot_signature) of executions x that dot's time
-    memory  = sum over the other ops of executions x the time of an elementwise op of the same
-              bytes, read off a curve timed at 4 KiB and at every 4x from 64 KiB up to the
-              step's largest op (straight lines between the points). The bandwidth depends
-              on the size: on a 2-core Xeon with 8 fake devices, 5.0 GB/s per device at 4 MiB
-              (the caches hold all 8 devices' arrays) and 1.6 GB/s from 64 MiB on, so one
-              bandwidth at the median op size put the 8-device step's memory time at half
+    memory  = sum over the other ops of executions x the time of an op of the same kind and
+              bytes, read off a curve per kind timed at 4 KiB and at every 4x from 64 KiB up
+              to the step's largest op (straight lines between the points). The kinds
+              (hlo_analysis.op_kind): elementwise (x * a + b), reduce (a layer norm over rows
+              of 256), permute (heads of 64 swapped with the rows) and transpose (a matrix
+              transposed). Both kind and size matter: on a 2-core Xeon with 8 fake devices,
+              x * a + b moves 5.0 GB/s per device at 4 MiB (the caches hold all 8 devices'
+              arrays) and 1.6 GB/s from 64 MiB on; at 4 MiB a layer norm moves its bytes 2.8x
+              slower, a head permutation 3x and a matrix transpose 12x
     comm    = sum over the collectives as XLA:CPU emits them (kind, group, bytes) of
               executions x (latency + bytes x seconds per byte), fitted per kind and group at
               4 KiB and at the step's largest collective
@@ -115,7 +118,8 @@ class Calibration:
         self.mesh = jax.make_mesh((devices,), ("x",), devices=jax.devices()[:devices],
                                   axis_types=(jax.sharding.AxisType.Auto,))
         self.dots = {sig: self._dot_timer(sig, peak_flops) for sig in m["dots"]}
-        self.elementwise = {size: self._elementwise_timer(size, bandwidth) for size in self.curve_sizes(m)}
+        self.memory = {kind: {size: self._memory_timer(kind, size, bandwidth) for size in self.curve_sizes(m)}
+                       for kind in sorted({k for _, _, k in m["memory_ops"]} | {"elementwise"})}
         self.collectives: dict[tuple[str, int], dict[int, _Timer]] = {}
         for key in m["collective_ops"]:
             kind, n, nbytes = key.split()
@@ -127,9 +131,9 @@ class Calibration:
 
     @staticmethod
     def curve_sizes(m: dict) -> list[int]:
-        """Bytes per op (read + written) at which the elementwise chain is timed: 4 KiB, then
+        """Bytes per op (read + written) at which the memory-bound kinds are timed: 4 KiB, then
         64 KiB and every 4x up to the step's largest memory-bound op."""
-        largest = max((b for t, f, b in m["ops"] if not f and b), default=0.0)
+        largest = max((b for t, b, _ in m["memory_ops"]), default=0.0)
         sizes, size = [SMALL_BYTES], 16 * SMALL_BYTES
         while size < largest:
             sizes.append(size)
@@ -139,11 +143,11 @@ class Calibration:
     @staticmethod
     def bytes_needed(m: dict, devices: int) -> float:
         """Host bytes the timers hold at once: every distinct matmul's operands and result (and
-        the loop's copy of it), the elementwise curve's arrays and the largest collective's input
+        the loop's copy of it), the memory curves' arrays and the largest collective's input
         and output, on every device."""
         size = lambda shape: math.prod(_parse(shape)[1]) * np.dtype(_parse(shape)[0]).itemsize  # noqa: E731
         dots = sum(size(lhs) + size(rhs) + 2 * size(out) for lhs, rhs, _, out in (s.split(";") for s in m["dots"]))
-        elementwise = sum(Calibration.curve_sizes(m))
+        elementwise = 4 * sum(Calibration.curve_sizes(m))  # a curve per kind, each timer holds its in and out
         coll = max((float(k.split()[2]) for k in m["collective_ops"]), default=0.0)
         return devices * (dots + elementwise + 4 * coll)
 
@@ -167,9 +171,20 @@ class Calibration:
         flops = 2 * math.prod(_parse(out)[1]) * math.prod(ld[i] for i in dn[0][0])
         return _Timer(body, (a, b), self.mesh, _reps(flops / peak))
 
-    def _elementwise_timer(self, nbytes: int, bandwidth: float) -> _Timer:
-        x = _global(self.mesh, [max(1, nbytes // 8)], "float32")  # read + write: nbytes per op
-        return _Timer(lambda x: x * 1.0001 + 0.5, (x,), self.mesh, _reps(nbytes / bandwidth + 2e-6))
+    def _memory_timer(self, kind: str, nbytes: int, bandwidth: float) -> _Timer:
+        """An op of `kind` that reads and writes `nbytes` in all (f32, nbytes / 8 elements in)."""
+        import jax
+        rows = max(1, nbytes // 8 // 256)
+        x = _global(self.mesh, [rows, 256], "float32")
+        if kind == "reduce":
+            body = lambda x: (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-5)  # noqa: E731
+        elif kind == "permute":
+            body = lambda x: x.reshape(rows, 4, 64).transpose(1, 0, 2).reshape(rows, 256) * 1.0001  # noqa: E731
+        elif kind == "transpose":
+            body = lambda x: x.T * 1.0001  # noqa: E731
+        else:
+            body = lambda x: x * 1.0001 + 0.5  # noqa: E731
+        return _Timer(body, (x,), self.mesh, _reps(nbytes / bandwidth + 2e-6))
 
     def _collective_timer(self, kind: str, n: int, nbytes: int, bandwidth: float) -> _Timer:
         import jax
@@ -192,7 +207,8 @@ class Calibration:
     # -- measuring and predicting --------------------------------------------------------------
     def timers(self):
         yield from self.dots.values()
-        yield from self.elementwise.values()
+        for sizes in self.memory.values():
+            yield from sizes.values()
         for sizes in self.collectives.values():
             yield from sizes.values()
 
@@ -210,10 +226,10 @@ class Calibration:
         per_byte = max(0.0, (t1 - t0) / (s1 - s0)) if s1 > s0 else 0.0
         return max(0.0, t0 - per_byte * s0), per_byte
 
-    def op_seconds(self, nbytes: float) -> float:
-        """Time of one memory-bound op moving `nbytes`: straight lines through the elementwise
-        curve's points, flat below 4 KiB, the last segment's slope past the largest."""
-        points = sorted((s, t.seconds()) for s, t in self.elementwise.items())
+    def op_seconds(self, nbytes: float, kind: str = "elementwise") -> float:
+        """Time of one memory-bound op of `kind` moving `nbytes`: straight lines through that
+        kind's curve, flat below 4 KiB, the last segment's slope past the largest point."""
+        points = sorted((s, t.seconds()) for s, t in self.memory.get(kind, self.memory["elementwise"]).items())
         if nbytes <= points[0][0]:
             return points[0][1]
         for (s0, t0), (s1, t1) in zip(points, points[1:]):
@@ -222,15 +238,16 @@ class Calibration:
         return t1 + max(0.0, t1 - t0) * (nbytes - s1) / (s1 - s0)
 
     def figures(self) -> dict:
-        """The calibration itself, as plain data (the report shows it): `bandwidth` is the
-        memory-bound ops' bytes over their time beyond `op_s`, the curve's per-op overhead."""
-        op_s = min(t.seconds() for t in self.elementwise.values())
-        mem = [(t, b) for t, f, b in self.m["ops"] if not f]
-        moving = sum(t * (self.op_seconds(b) - op_s) for t, b in mem)
+        """The calibration itself, as plain data (the report shows it): `op_s` is the smallest
+        elementwise op's time, `bandwidth` the memory-bound ops' bytes over their time beyond
+        it, `curves` each kind's GB/s per size."""
+        op_s = min(t.seconds() for t in self.memory["elementwise"].values())
+        mem = self.m["memory_ops"]
+        moving = sum(t * (self.op_seconds(b, k) - op_s) for t, b, k in mem)
         dot_s = sum(t * self.dots[sig].seconds() for sig, t in self.m["dots"].items())
         dot_flops = sum(t * f for t, f, _ in self.m["ops"] if f)
-        return dict(op_s=op_s, bandwidth=sum(t * b for t, b in mem) / moving if moving > 0 else math.inf,
-                    curve={s: s / t.seconds() for s, t in sorted(self.elementwise.items())},
+        return dict(op_s=op_s, bandwidth=sum(t * b for t, b, _ in mem) / moving if moving > 0 else math.inf,
+                    curves={k: {s: s / t.seconds() for s, t in sorted(c.items())} for k, c in self.memory.items()},
                     matmul_flops_per_s=dot_flops / dot_s if dot_s else 0.0,
                     collectives={f"{k} {n}": self._line(p) for (k, n), p in self.collectives.items()})
 
@@ -238,7 +255,7 @@ class Calibration:
         fig = self.figures()
         compute = sum(t * self.dots[sig].seconds() for sig, t in self.m["dots"].items())
         # fusions around a dot are timed as the dot (XLA:CPU's dot fusions are a dot + a cheap epilogue)
-        memory = sum(t * self.op_seconds(b) for t, f, b in self.m["ops"] if not f)
+        memory = sum(t * self.op_seconds(b, k) for t, b, k in self.m["memory_ops"])
         comm_by_kind: dict[str, float] = {}
         for key, t in self.m["collective_ops"].items():
             kind, n, nbytes = key.split()

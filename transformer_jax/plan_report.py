@@ -106,7 +106,7 @@ def _calibration_lines(c: dict | None) -> list[str]:
     comm = ", ".join(f"{k}: {1e6 * lat:.0f} us + {1e-9 / s:.1f} GB/s" if s else f"{k}: {1e6 * lat:.0f} us"
                      for k, (lat, s) in c["collectives"].items())
     return [f"            timed on this host: the step's matmuls alone {c['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; "
-            f"other ops {1e6 * c['op_s']:.1f} us + bytes at {c['bandwidth'] / 1e9:.1f} GB/s"
+            f"other ops {1e6 * c['op_s']:.1f} us + bytes at {c['bandwidth'] / 1e9:.1f} GB/s (by kind and size)"
             + (f"; collectives (kind, group) {comm}" if comm else "")]
 
 
