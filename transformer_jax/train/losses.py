@@ -80,7 +80,10 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
     zl = z_loss * jnp.square(log_z)
     if z_loss:
         loss = loss + zl
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    # A hit: the target's logit is the row's maximum (argmax == target but for exact ties). The
+    # max is the one logsumexp takes; argmax was one more pass over the logits, a (value, index)
+    # reduction: 33 ms per device of a 1.2 s step of benchmarks/plan_check.py's llama on 8 CPU devices.
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     return {"loss": jnp.sum(loss * w), "nll": jnp.sum(nll * w), "correct": jnp.sum(correct * w),
             "tokens": jnp.sum(w), "z_loss": jnp.sum(zl * w)}
 
