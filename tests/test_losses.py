@@ -1,6 +1,7 @@
 """Losses: cross-entropy sums against a numpy reference, padding never counts, z-loss and
 label smoothing as defined, and every task consumes the data pipeline's batches."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -180,3 +181,16 @@ def test_mlm_batch_with_more_targets_than_the_head_computes_is_an_error():
         check_mlm_batch(cfg, weights)
     with pytest.raises(ConfigError, match=r"task.mlm_predict_fraction=1.5 must be in \[0, 1\]"):
         TaskConfig(task="mlm", mlm_predict_fraction=1.5)
+
+
+def test_argmax_hits_is_argmax_equal_to_the_target_ties_included():
+    from transformer_jax.train.losses import argmax_hits
+    logits = jax.random.normal(jax.random.key(3), (6, 50))
+    logits = logits.at[0].set(0.0)  # a constant row: argmax is index 0
+    logits = logits.at[1, 7].set(9.0).at[1, 30].set(9.0)  # a tie for the max: the first index wins
+    targets = jnp.array([0, 30, 4, 5, 6, 7]).at[2:].set(jnp.argmax(logits[2:], -1))
+    targets = targets.at[5].set(targets[5] - 1)  # a miss
+    expected = jnp.argmax(logits, -1) == targets
+    assert expected.tolist() == [True, False, True, True, True, False]
+    np.testing.assert_array_equal(argmax_hits(logits, targets), expected)
+    assert not argmax_hits(logits, jnp.full((6,), 1)).tolist()[0]  # the constant row hits index 0 only

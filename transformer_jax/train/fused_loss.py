@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.train.losses import argmax_hits
+
 F32 = jnp.float32
 
 
@@ -137,12 +139,11 @@ def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         log_z = jax.nn.logsumexp(logits, axis=-1)
         onehot = jax.nn.one_hot(t_c, v, dtype=F32)
-        target_logit = jnp.sum(logits * onehot, -1)
-        nll = log_z - target_logit
+        nll = log_z - jnp.sum(logits * onehot, -1)
         loss = nll if not smoothing else (1.0 - smoothing) * nll + smoothing * (log_z - logits.mean(-1))
         zl = z_loss * jnp.square(log_z)
         loss = loss + zl if z_loss else loss
-        correct = (target_logit >= jnp.max(logits, -1)).astype(F32)  # see losses.cross_entropy_sums
+        correct = argmax_hits(logits, t_c).astype(F32)
         w32 = w_c.astype(F32)
         sums = {"loss": jnp.sum(loss * w32), "nll": jnp.sum(nll * w32), "correct": jnp.sum(correct * w32),
                 "tokens": jnp.sum(w32), "z_loss": jnp.sum(zl * w32)}
