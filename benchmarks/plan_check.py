@@ -10,8 +10,9 @@ timed step with one round of plan_cpu.py's timings of the step's parts (its matm
 an elementwise chain, its collectives), so that both see the same load; the table gives
 medians over the rounds. error = predicted / measured - 1.
 
-Measured alone on a 2-core Xeon (2026-12-03, `python benchmarks/plan_check.py`, 4:46 wall):
-1 device +8%, +19%, +1%; 8 devices -14%, -31%, -12%. Before the memory-bound ops were timed
+Measured alone on a 2-core Xeon (2026-12-03, `python benchmarks/plan_check.py`, 4:46 wall),
+two runs: 1 device +8% / +22%, +19% / +26%, +1% / -12%; 8 devices -14% / -17%, -31% / -31%,
+-12% / -7% (the same step measured 811 and 902 ms in the two runs: this host's noise). Before the memory-bound ops were timed
 by kind and size (plan_cpu.py), with one bandwidth at their median size: 1 device -5%,
 +6%, -7%; 8 devices -43%, -48%, -31%. Where the llama fsdp step's remaining 8-device miss
 lies (`perf record` and a profile against each op's predicted time): its matmuls take what
