@@ -70,7 +70,7 @@ def format_plan(r: dict) -> str:
         f"  compute   {1e3 * p['compute_s']:10.2f} ms   hardware matmul FLOPs at {100 * p['efficiency']:.0f}% of peak "
         + ("(the step's matmuls, each timed alone)" if timed else "(per op: or its HBM bytes, if slower)"),
         f"  memory    {1e3 * p['memory_s']:10.2f} ms   ops without a matmul: "
-        + ("per op time + HBM bytes / bandwidth" if timed else "their HBM bytes / bandwidth"),
+        + ("each timed as an op of its kind and bytes" if timed else "their HBM bytes / bandwidth"),
         f"  comm      {1e3 * p['comm_exposed_s']:10.2f} ms   collectives not hidden behind compute "
         + (f"(of {1e3 * p['comm_s']:.2f} ms: each timed alone)" if timed else
            f"(of {1e3 * p['comm_s']:.2f} ms: ring link bytes / interconnect bandwidth)"),
