@@ -26,41 +26,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections import defaultdict
+
+from transformer_jax.hlo_parse import ARRAY, Computation, Instr, parse_module, shape_bytes, shape_dims
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|c64|c128|f8e\w+)\[([^\]]*)\]")
 # Ops in the loops of the `chunked` attention kernel (named scope "chunked_attention"): the
 # CPU stand-in for splash / cuDNN flash attention, whose tiles stay in VMEM / shared memory.
 _IN_KERNEL = re.compile(r"chunked_attention.*/while/")
-_COMMENT = re.compile(r"/\*.*?\*/")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
          "partition-id", "replica-id", "after-all", "iota", "opt-barrier", "custom-call"}
-
-
-@dataclasses.dataclass
-class Instr:
-    name: str
-    shape: str
-    opcode: str
-    operands: list[str]
-    attrs: str
-
-
-@dataclasses.dataclass
-class Computation:
-    name: str
-    instrs: list[Instr]
-    root: Instr | None = None
-
-    def __post_init__(self):
-        self.by_name = {i.name: i for i in self.instrs}
-        self.users: dict[str, list[Instr]] = defaultdict(list)
-        for i in self.instrs:
-            for op in i.operands:
-                self.users[op].append(i)
 
 
 @dataclasses.dataclass
@@ -100,98 +74,6 @@ class HloStats:
         """Sum over top-level ops of max(flops / peak, bytes / bandwidth)."""
         return sum(t * max(f / peak_flops, b / hbm_bandwidth) for t, f, b in self.ops)
 
-
-# -- parsing ---------------------------------------------------------------------------------
-
-def shape_bytes(shape: str) -> float:
-    """Bytes of an HLO shape string; tuples sum their elements."""
-    total = 0.0
-    for dtype, dims in _ARRAY.findall(shape):
-        size = _DTYPE_BYTES.get(dtype, 1)
-        total += size * math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d.strip())
-    return total
-
-
-def shape_dims(shape: str) -> list[int]:
-    m = _ARRAY.search(shape)
-    return [int(d.lstrip("<=")) for d in m.group(2).split(",") if d.strip()] if m else []
-
-
-def _matching(s: str, start: int) -> int:
-    """Index of the bracket closing the one at s[start]."""
-    depth, pairs = 0, {"(": ")", "{": "}", "[": "]"}
-    for i in range(start, len(s)):
-        if s[i] in pairs:
-            depth += 1
-        elif s[i] in pairs.values():
-            depth -= 1
-            if depth == 0:
-                return i
-    return len(s) - 1
-
-
-def _split_top(s: str) -> list[str]:
-    out, depth, cur = [], 0, []
-    for ch in s:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        out.append("".join(cur).strip())
-    return out
-
-
-def _parse_instr(line: str) -> tuple[Instr, bool] | None:
-    body = _COMMENT.sub("", line).strip()  # long operand lists carry /*index=5*/ markers
-    root = body.startswith("ROOT ")
-    body = body[5:] if root else body
-    name, eq, rest = body.partition(" = ")
-    if not eq:
-        return None
-    if rest.startswith("("):
-        end = _matching(rest, 0)
-        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
-    else:
-        shape, _, rest = rest.partition(" ")
-    m = re.match(r"([\w\-]+)\(", rest)
-    if not m:
-        return None
-    open_at = m.end() - 1
-    close = _matching(rest, open_at)
-    operands = [op.split()[-1].lstrip("%") for op in _split_top(rest[open_at + 1:close]) if op]
-    return Instr(name.lstrip("%"), shape, m.group(1), operands, rest[close + 1:]), root
-
-
-def parse_module(text: str) -> tuple[dict[str, Computation], str]:
-    """({computation name: Computation}, entry name) of an HLO module's text."""
-    comps, entry, current, instrs, root = {}, None, None, [], None
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("HloModule"):
-            continue
-        if not line[0].isspace() and line.rstrip().endswith("{"):
-            head = line.split()
-            is_entry = head[0] == "ENTRY"
-            current = (head[1] if is_entry else head[0]).lstrip("%")
-            entry = current if is_entry else entry
-            instrs, root = [], None
-        elif line.startswith("}") and current:
-            comps[current] = Computation(current, instrs, root)
-            current = None
-        elif current:
-            parsed = _parse_instr(line)
-            if parsed:
-                instrs.append(parsed[0])
-                root = parsed[0] if parsed[1] else root
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    return comps, entry
-
-
-# -- analysis --------------------------------------------------------------------------------
 
 def _attr_comps(attrs: str, key: str) -> list[str]:
     m = re.search(rf"\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)", attrs)
@@ -257,7 +139,7 @@ def _sliced_elements(comp: Computation, ar: Instr, comps) -> list[bool]:
     """For each element of an all-reduce (one, or a tuple's), whether only slices of it are used."""
     if not ar.shape.startswith("("):
         return [_only_sliced(comp, ar.name, comps)]
-    n = len(_ARRAY.findall(ar.shape))
+    n = len(ARRAY.findall(ar.shape))
     out = [False] * n
     gtes = [u for u in comp.users.get(ar.name, []) if u.opcode == "get-tuple-element"]
     for g in gtes:
