@@ -121,9 +121,9 @@ def test_prediction_is_the_stated_arithmetic(measured):
     p = predict(m, chip, devices=8, tokens=B * L)
     rate, bw = chip.peak_flops * chip.matmul_efficiency, chip.hbm_bandwidth
     assert p["hardware_flops"] == m["dot_flops"] >= m["model_flops"] / 8  # loops counted: no model-FLOP floor needed
-    assert p["compute_s"] == pytest.approx(sum(t * max(f / rate, b / bw) for t, f, b in m["ops"] if f))
+    assert p["compute_s"] == pytest.approx(sum(t * max(f / rate, b / bw) for t, f, b, _ in m["ops"] if f))
     assert p["compute_s"] >= m["dot_flops"] / rate
-    assert p["memory_s"] == pytest.approx(sum(t * b / bw for t, f, b in m["ops"] if not f)) and p["memory_s"] > 0
+    assert p["memory_s"] == pytest.approx(sum(t * b / bw for t, f, b, _ in m["ops"] if not f)) and p["memory_s"] > 0
     comm = {k: c["link_bytes"] / chip.link_bandwidth for k, c in m["collectives"].items()}
     assert p["comm_s"] == pytest.approx(sum(comm.values()))
     hidden = comm["all-gather"] + comm["reduce-scatter"]  # FSDP's gathers and scatters overlap compute on TPU

@@ -14,10 +14,10 @@ jax.devices()  # conftest's 8 fake CPU devices
 DOT = "f32[64,32]{0,1};f32[32,16]{1,0};lhs_contracting_dims={1},rhs_contracting_dims={0};f32[64,16]{1,0}"
 BATCHED = ("f32[2,8,16]{2,1,0};f32[2,16,4]{2,1,0};lhs_batch_dims={0},lhs_contracting_dims={2},rhs_batch_dims={0},"
            "rhs_contracting_dims={1};f32[2,8,4]{2,1,0}")
-# what plan.measure() returns, as far as the CPU model reads it: (executions, FLOPs, bytes) per op
-FIGURES = dict(dots={DOT: 12.0, BATCHED: 3.0}, ops=[[12.0, 2 * 64 * 16 * 32, 1e4], [3.0, 2 * 2 * 8 * 4 * 16, 1e3],
-                                                 [5.0, 0.0, 2e5], [7.0, 0.0, 4e3]],
-               memory_ops=[[5.0, 2e5, "elementwise"], [7.0, 4e3, "reduce"]],  # (executions, bytes, kind)
+# what plan.measure() returns, as far as the CPU model reads it: (executions, FLOPs, bytes, kind) per op
+FIGURES = dict(dots={DOT: 12.0, BATCHED: 3.0},
+               ops=[[12.0, 2 * 64 * 16 * 32, 1e4, "elementwise"], [3.0, 2 * 2 * 8 * 4 * 16, 1e3, "elementwise"],
+                    [5.0, 0.0, 2e5, "elementwise"], [7.0, 0.0, 4e3, "reduce"]],
                collective_ops={"all-reduce 8 4096": 4.0, "all-gather 4 1024": 2.0, "all-reduce 1 64": 9.0})
 
 

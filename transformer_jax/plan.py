@@ -142,7 +142,7 @@ def _compile_once(cfg, devices: int, setup=None) -> dict:
         alias_bytes=float(mem.alias_size_in_bytes), temp_bytes=float(mem.temp_size_in_bytes),
         model_flops=float(setup.flops_per_step(batch)), dot_flops=hlo.dot_flops, hbm_bytes=hlo.hbm_bytes,
         remat_flops=remat_flops(cfg.model, cfg.task.task, batch),
-        ops=_compact_ops(hlo.ops), memory_ops=_memory_ops(hlo), dots=hlo.dots, collective_ops=hlo.collective_ops, unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
+        ops=_compact_ops(hlo), dots=hlo.dots, collective_ops=hlo.collective_ops, unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
         collectives={k: dataclasses.asdict(v) for k, v in hlo.collectives.items()},
         textbook=textbook_bytes(setup, batch),
         mesh=_mesh_str(mesh_cfg_of(cfg, devices)), preset=cfg.mesh.preset)
@@ -154,22 +154,13 @@ def mesh_cfg_of(cfg, devices: int):
     return cfg.mesh.replace(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])
 
 
-def _compact_ops(ops) -> list[list[float]]:
-    """(times, flops, bytes) with identical ops merged: what the roofline needs."""
-    merged: dict[tuple[float, float], float] = {}
-    for t, f, b in ops:
-        merged[(f, b)] = merged.get((f, b), 0.0) + t
-    return [[t, f, b] for (f, b), t in merged.items()]
-
-
-def _memory_ops(hlo) -> list[list]:
-    """(times, bytes, kind) of the ops without a matmul, identical ones merged: what the CPU
-    model times (plan_cpu.py)."""
-    merged: dict[tuple[float, str], float] = {}
+def _compact_ops(hlo) -> list[list]:
+    """(times, flops, bytes, kind) of each op, identical ones merged: what the roofline needs,
+    and for the CPU model the memory-bound ops' kinds (hlo_analysis.op_kind)."""
+    merged: dict[tuple[float, float, str], float] = {}
     for (t, f, b), kind in zip(hlo.ops, hlo.op_kinds):
-        if not f:
-            merged[(b, kind)] = merged.get((b, kind), 0.0) + t
-    return [[t, b, kind] for (b, kind), t in merged.items()]
+        merged[(f, b, kind)] = merged.get((f, b, kind), 0.0) + t
+    return [[t, f, b, kind] for (f, b, kind), t in merged.items()]
 
 
 def measure(cfg, devices: int, layers: int | None = None, setup=None) -> dict:
@@ -194,9 +185,7 @@ def measure(cfg, devices: int, layers: int | None = None, setup=None) -> dict:
     out["textbook"] = {k: lin(a["textbook"][k], b["textbook"][k]) for k in a["textbook"]}
     for key in ("dots", "collective_ops"):
         out[key] = {k: lin(a[key].get(k, 0.0), b[key].get(k, 0.0)) for k in {*a[key], *b[key]}}
-    out["ops"] = [[t * x, f, by] for t, f, by in b["ops"]] + [[t * (1 - x), f, by] for t, f, by in a["ops"]]
-    out["memory_ops"] = [[t * x, by, k] for t, by, k in b["memory_ops"]] + \
-        [[t * (1 - x), by, k] for t, by, k in a["memory_ops"]]
+    out["ops"] = [[t * x, *op] for t, *op in b["ops"]] + [[t * (1 - x), *op] for t, *op in a["ops"]]
     out["model_flops"] = float(exact["model_flops"])
     out["remat_flops"] = float(exact["remat_flops"])
     out["compiled_layers"] = [layers, k2]
@@ -233,10 +222,10 @@ def predict(m: dict, chip, devices: int, tokens: int) -> dict:
     # once) can take XLA's count under
     flops = max(m["dot_flops"], (m["model_flops"] + m.get("remat_flops", 0.0)) / devices)
     rate, bw = chip.peak_flops * chip.matmul_efficiency, chip.hbm_bandwidth
-    scale = flops / max(sum(t * f for t, f, _ in m["ops"]), 1.0)  # unknown loops: matmul ops scaled up
-    compute = sum(t * max(f * scale / rate, b / bw) for t, f, b in m["ops"] if f)
+    scale = flops / max(sum(t * f for t, f, *_ in m["ops"]), 1.0)  # unknown loops: matmul ops scaled up
+    compute = sum(t * max(f * scale / rate, b / bw) for t, f, b, _ in m["ops"] if f)
     compute = max(compute, flops / rate)
-    memory = sum(t * b / bw for t, f, b in m["ops"] if not f)  # ops without a matmul: memory-bound
+    memory = sum(t * b / bw for t, f, b, _ in m["ops"] if not f)  # ops without a matmul: memory-bound
     comm = {k: v["link_bytes"] / chip.link_bandwidth for k, v in m["collectives"].items()}
     comm_s = sum(comm.values())
     # Weight all-gathers and gradient reduce-scatters run ahead of / behind the layer that needs
@@ -253,7 +242,7 @@ def predict(m: dict, chip, devices: int, tokens: int) -> dict:
     # the footnote's range: everything overlapped at full peak (roofline) .. nothing overlapped
     live = 2 * m["temp_bytes"] + m["argument_bytes"] + m["output_bytes"]
     fast = max(flops / chip.peak_flops, live / bw, comm_s)
-    slow = sum(t * max(f * scale / chip.peak_flops, b / bw) for t, f, b in m["ops"]) + comm_s
+    slow = sum(t * max(f * scale / chip.peak_flops, b / bw) for t, f, b, _ in m["ops"]) + comm_s
     slow = max(slow, step)
     if calibration is not None:  # timed parts: all overlapped .. none (XLA:CPU overlaps none)
         fast, slow = max(compute, memory, comm_s), step

@@ -119,7 +119,7 @@ class Calibration:
                                   axis_types=(jax.sharding.AxisType.Auto,))
         self.dots = {sig: self._dot_timer(sig, peak_flops) for sig in m["dots"]}
         self.memory = {kind: {size: self._memory_timer(kind, size, bandwidth) for size in self.curve_sizes(m)}
-                       for kind in sorted({k for _, _, k in m["memory_ops"]} | {"elementwise"})}
+                       for kind in sorted({k for _, f, _, k in m["ops"] if not f} | {"elementwise"})}
         self.collectives: dict[tuple[str, int], dict[int, _Timer]] = {}
         for key in m["collective_ops"]:
             kind, n, nbytes = key.split()
@@ -133,7 +133,7 @@ class Calibration:
     def curve_sizes(m: dict) -> list[int]:
         """Bytes per op (read + written) at which the memory-bound kinds are timed: 4 KiB, then
         64 KiB and every 4x up to the step's largest memory-bound op."""
-        largest = max((b for t, b, _ in m["memory_ops"]), default=0.0)
+        largest = max((b for t, f, b, _ in m["ops"] if not f), default=0.0)
         sizes, size = [SMALL_BYTES], 16 * SMALL_BYTES
         while size < largest:
             sizes.append(size)
@@ -147,9 +147,9 @@ class Calibration:
         and output, on every device."""
         size = lambda shape: math.prod(_parse(shape)[1]) * np.dtype(_parse(shape)[0]).itemsize  # noqa: E731
         dots = sum(size(lhs) + size(rhs) + 2 * size(out) for lhs, rhs, _, out in (s.split(";") for s in m["dots"]))
-        elementwise = 4 * sum(Calibration.curve_sizes(m))  # a curve per kind, each timer holds its in and out
+        memory = 4 * sum(Calibration.curve_sizes(m))  # a curve per kind, each timer holds its in and out
         coll = max((float(k.split()[2]) for k in m["collective_ops"]), default=0.0)
-        return devices * (dots + elementwise + 4 * coll)
+        return devices * (dots + memory + 4 * coll)
 
     # -- the timers ----------------------------------------------------------------------------
     def _dot_timer(self, sig: str, peak: float) -> _Timer:
@@ -242,10 +242,10 @@ class Calibration:
         elementwise op's time, `bandwidth` the memory-bound ops' bytes over their time beyond
         it, `curves` each kind's GB/s per size."""
         op_s = min(t.seconds() for t in self.memory["elementwise"].values())
-        mem = self.m["memory_ops"]
+        mem = [(t, b, k) for t, f, b, k in self.m["ops"] if not f]
         moving = sum(t * (self.op_seconds(b, k) - op_s) for t, b, k in mem)
         dot_s = sum(t * self.dots[sig].seconds() for sig, t in self.m["dots"].items())
-        dot_flops = sum(t * f for t, f, _ in self.m["ops"] if f)
+        dot_flops = sum(t * f for t, f, *_ in self.m["ops"] if f)
         return dict(op_s=op_s, bandwidth=sum(t * b for t, b, _ in mem) / moving if moving > 0 else math.inf,
                     curves={k: {s: s / t.seconds() for s, t in sorted(c.items())} for k, c in self.memory.items()},
                     matmul_flops_per_s=dot_flops / dot_s if dot_s else 0.0,
@@ -255,7 +255,7 @@ class Calibration:
         fig = self.figures()
         compute = sum(t * self.dots[sig].seconds() for sig, t in self.m["dots"].items())
         # fusions around a dot are timed as the dot (XLA:CPU's dot fusions are a dot + a cheap epilogue)
-        memory = sum(t * self.op_seconds(b, k) for t, b, k in self.m["memory_ops"])
+        memory = sum(t * self.op_seconds(b, k) for t, f, b, k in self.m["ops"] if not f)
         comm_by_kind: dict[str, float] = {}
         for key, t in self.m["collective_ops"].items():
             kind, n, nbytes = key.split()
