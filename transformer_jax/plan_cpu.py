@@ -25,6 +25,11 @@ of the host is what the step gets too):
     step    = compute + memory + comm   (XLA:CPU runs one op at a time per device, its
               collectives are synchronous: nothing overlaps)
 
+With at most one device per core this is the model of a chip (within 21% on 1 and 2
+devices, benchmarks/plan_check.py). More fake devices than cores take turns on them, and
+what that costs (thread switches, idle cores at rendezvous, the kernel's page zeroing) is
+not modelled: on 8 devices over 2 cores the prediction falls 6-27% short.
+
 Every timing repeats its op inside one compiled loop (an optimization barrier keeps XLA from
 hoisting it), so JAX's dispatch is not part of it. `sample()` takes one more round of every
 timing and `predict()` uses the medians: a benchmark can interleave rounds with the step it
