@@ -10,7 +10,7 @@ steps in the 840 s budget instead of 337 (+3.9%), step 180 reached at 6:51 inste
 
 It does not help everywhere. On a 2-core Xeon VM (2026-12-03) the default run gained again
 (1,787-1,870 tokens/s against 1,638-1,740 without, 40 steps each), but the bf16 step of the
-bench model lost ~20% (12.0-14.9 s against 9.3-11.3 s per step; the kernel's system time 30-35
+bench model lost ~20% (11.1-14.9 s against 9.3-11.3 s per step; the kernel's system time 30-35
 s against 7.5-7.8 s per run, `clear_page_erms` 27% of all CPU), while both faulted in about
 the same bytes (`/proc/vmstat`): on that host, zeroing 2 MiB pages cost ~4x as much per byte.
 If your steps get slower, `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` turns it off.

@@ -27,12 +27,14 @@ def matmul(x: jax.Array, w: jax.Array, n_contract: int, dtype: Any) -> jax.Array
     """Contracts the last `n_contract` dims of x with the first of w, in `dtype`.
 
     Accumulates in float32 (`preferred_element_type`) and returns `dtype`: the fast
-    path for bf16 on accelerators, and exact for float32. Not on every CPU: on a 2-core
-    Xeon (avx512-bf16, 2026-12-03) XLA:CPU's bf16 x bf16 -> f32 dot ran 76-138 GFLOP/s on
-    the bench model's shapes where f32 ran 150-233, and bf16 operands upcast to f32 139-178
-    (what XLA:CPU itself does with a bf16-output dot), so bf16 trains slower than f32 there. With weights
-    stored wider than `dtype` (f32 master weights, bf16 compute) the backward pass's two
-    matmuls also run in `dtype` with float32 accumulation (`_mixed_matmul`).
+    path for bf16 on accelerators, and exact for float32. With weights stored wider than
+    `dtype` (f32 master weights, bf16 compute) the backward pass's two matmuls also run in
+    `dtype` with float32 accumulation (`_mixed_matmul`).
+
+    Not the fast path on every CPU: on a 2-core Xeon (avx512-bf16, 2026-12-03) XLA:CPU's
+    bf16 x bf16 -> f32 dot ran 76-138 GFLOP/s on the bench model's shapes where f32 ran
+    150-233 and bf16 operands upcast to f32 139-178 (what XLA:CPU does with a bf16-output
+    dot), so bf16 trains slower than f32 there.
     """
     if w.dtype != jnp.dtype(dtype):
         return _mixed_matmul(x, w, n_contract, jnp.dtype(dtype))
