@@ -37,14 +37,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transformer_jax import decode  # noqa: E402
-from transformer_jax.layers.dot_product import _backend, dot_product_attention  # noqa: E402
+from transformer_jax.layers.dot_product import dot_product_attention  # noqa: E402
+from transformer_jax.layers.platform import backend  # noqa: E402
 from transformer_jax.models import build_model, get_config  # noqa: E402
 from transformer_jax.parallel import MeshConfig, get_rules, make_mesh  # noqa: E402
 from transformer_jax.train import OptimizerConfig, TaskConfig, make_train_setup, synthetic_batch  # noqa: E402
 from transformer_jax.train.hardware import chip_for_device_kind, measured_matmul_peak  # noqa: E402
 
 TOLERANCE = 2e-2  # max |kernel - xla| / max |xla|, bf16 inputs, f32 accumulation in both
-KERNEL = {"cuda": "cudnn", "tpu": "splash"}.get(_backend(), "chunked")
+KERNEL = {"cuda": "cudnn", "tpu": "splash"}.get(backend(), "chunked")
 ATTN_LENGTHS = (128, 256) if args.quick else (1024, 4096, 16384)
 # (remat policy, batch) for llama-1b at seq 2048, best first: the first whose step fits is timed.
 LLAMA_CANDIDATES = [("none", 8), ("dots_no_batch", 8), ("full", 8), ("full", 4)]

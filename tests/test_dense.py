@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from transformer_jax.layers.dense import matmul
+from transformer_jax.layers.platform import target_platform
 
 CASES = [  # x shape, w shape, contracted dims
     ((4, 8, 16), (16, 3, 5), 1),  # [B, L, D] . [D, H, Dh]
@@ -44,14 +45,24 @@ def test_mixed_gradients_match_float32_autodiff(xs, ws, n, x_dtype):
         assert err <= 2e-2 * np.abs(np.asarray(want, np.float32)).max(), err
 
 
-def test_backward_matmuls_run_in_the_compute_dtype():
-    x, w = _inputs(*CASES[0][:2])
+@pytest.mark.parametrize("target", ["cuda", "tpu", "cpu"])
+def test_backward_matmuls_run_in_the_compute_dtype(target):
+    """bf16 operands, never upcast by autodiff; only on CPU does `platform.dot_general` upcast
+    them to float32 (the faster kernel there, the same products: tests/test_platform.py)."""
+    x, w = _inputs((4, 32, 64), (64, 2, 64))  # every dot at least MIN_UPCAST_FREE rows and columns
     grad = jax.grad(lambda x, w: jnp.sum(matmul(x, w, 1, jnp.bfloat16).astype(jnp.float32) ** 2), argnums=(0, 1))
-    dots = [e for e in jax.make_jaxpr(grad)(x, w).eqns if e.primitive.name == "dot_general"]
+    with target_platform(target):
+        eqns = jax.make_jaxpr(grad)(x, w).eqns
+    dots = [e for e in eqns if e.primitive.name == "dot_general"]
     assert len(dots) == 3  # forward, dx, dw
+    operand = jnp.float32 if target == "cpu" else jnp.bfloat16
     for e in dots:
-        assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2, e  # never upcast to f32 operands
+        assert [v.aval.dtype for v in e.invars] == [operand] * 2, e
         assert e.params["preferred_element_type"] == jnp.float32
+    if target == "cpu":  # upcast from bf16 values: 6 converts of bf16 to f32 feed the 3 dots
+        ups = [e for e in eqns if e.primitive.name == "convert_element_type"
+               and e.invars[0].aval.dtype == jnp.bfloat16 and e.params["new_dtype"] == jnp.float32]
+        assert len(ups) >= 6
 
 
 def test_float32_weights_and_compute_take_plain_autodiff():

@@ -1,6 +1,6 @@
 """Cross-platform lowering, on CPU: the train step and the decode loop of a small bf16
 decoder with attention="auto", lowered for CUDA and for TPU (`jit(f).trace(...).lower(
-lowering_platforms=...)` under `dot_product.target_platform`), hold the kernels `auto`
+lowering_platforms=...)` under `platform.target_platform`), hold the kernels `auto`
 promises there, and the documented fallback where it cannot use them. Nothing compiles
 for or runs on the accelerator: these check what the program asks for.
 
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from transformer_jax import decode
-from transformer_jax.layers.dot_product import target_platform
+from transformer_jax.layers.platform import target_platform
 from transformer_jax.models import build_model, get_config
 from transformer_jax.parallel.mesh import MeshConfig, make_mesh
 from transformer_jax.parallel.rules import get_rules

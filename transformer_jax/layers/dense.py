@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.layers import platform
+
 Init = Callable[..., jax.Array]
 LORA_PARAMS = ("lora_a", "lora_b")  # the adapter leaves' names
 
@@ -26,21 +28,16 @@ LORA_PARAMS = ("lora_a", "lora_b")  # the adapter leaves' names
 def matmul(x: jax.Array, w: jax.Array, n_contract: int, dtype: Any) -> jax.Array:
     """Contracts the last `n_contract` dims of x with the first of w, in `dtype`.
 
-    Accumulates in float32 (`preferred_element_type`) and returns `dtype`: the fast
-    path for bf16 on accelerators, and exact for float32. With weights stored wider than
-    `dtype` (f32 master weights, bf16 compute) the backward pass's two matmuls also run in
-    `dtype` with float32 accumulation (`_mixed_matmul`).
-
-    Not the fast path on every CPU: on a 2-core Xeon (avx512-bf16, 2026-12-03) XLA:CPU's
-    bf16 x bf16 -> f32 dot ran 76-138 GFLOP/s on the bench model's shapes where f32 ran
-    150-233 and bf16 operands upcast to f32 139-178 (what XLA:CPU does with a bf16-output
-    dot), so bf16 trains slower than f32 there.
+    Accumulates in float32 and returns `dtype` (`platform.dot_general`: one bf16 x bf16 -> f32
+    dot on accelerators; on CPU the operands of a large enough dot upcast to f32, the faster
+    kernel there). With weights stored wider than `dtype` (f32 master weights, bf16 compute) the
+    backward pass's two matmuls also take `dtype` operands with float32 accumulation
+    (`_mixed_matmul`).
     """
     if w.dtype != jnp.dtype(dtype):
         return _mixed_matmul(x, w, n_contract, jnp.dtype(dtype))
     x = x.astype(dtype)
-    y = jax.lax.dot_general(x, w, _contract_last(x.ndim, n_contract), preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    return platform.dot_general(x, w, _contract_last(x.ndim, n_contract)).astype(dtype)
 
 
 def _contract_last(x_ndim: int, n: int):
@@ -54,7 +51,7 @@ def _mixed_matmul(x, w, n_contract, dtype):
 
 def _mixed_fwd(x, w, n_contract, dtype):
     xc, wc = x.astype(dtype), w.astype(dtype)
-    y = jax.lax.dot_general(xc, wc, _contract_last(xc.ndim, n_contract), preferred_element_type=jnp.float32)
+    y = platform.dot_general(xc, wc, _contract_last(xc.ndim, n_contract))
     # the cast kernel is the residual: under FSDP its one gather serves the forward pass, the
     # recomputation of a rematerialised layer and the input gradient alike
     return y.astype(dtype), (xc, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
@@ -66,10 +63,9 @@ def _mixed_bwd(n_contract, dtype, res, g):
     xc, wc, x_dtype, w_dtype = res
     g = g.astype(dtype)
     n_out, n_batch = wc.ndim - n_contract, xc.ndim - n_contract
-    dx = jax.lax.dot_general(g, wc, ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_contract, wc.ndim))),
-                                     ((), ())), preferred_element_type=jnp.float32)
-    dw = jax.lax.dot_general(xc, g, ((tuple(range(n_batch)), tuple(range(n_batch))), ((), ())),
-                             preferred_element_type=jnp.float32)
+    dx = platform.dot_general(g, wc, ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_contract, wc.ndim))),
+                                      ((), ())))
+    dw = platform.dot_general(xc, g, ((tuple(range(n_batch)), tuple(range(n_batch))), ((), ())))
     return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
 
 

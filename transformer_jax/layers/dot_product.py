@@ -22,7 +22,6 @@ host (e.g. a GPU program from a CPU machine), say which while tracing:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from typing import NamedTuple
@@ -32,8 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from transformer_jax.layers import platform
+
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 KERNELS = IMPLEMENTATIONS + ("splash",)  # every name `implementation` accepts (splash: TPU only)
+target_platform = platform.target_platform  # re-exported: kernels are chosen per platform
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 F32 = jnp.float32
 # `auto` uses `chunked` instead of `xla` once one head's [Lq, Lk] scores exceed 512 x 512.
@@ -51,17 +53,6 @@ CHUNKED_MIN_SCORES = 512 * 512
 # 12-28), the same loss to 4 digits: a small gain, at the edge of what that machine resolves.
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 is safe everywhere
 log = logging.getLogger(__name__)
-_TARGET = jax.make_user_context(None)  # part of jit's cache key: a new platform re-traces
-
-
-@contextlib.contextmanager
-def target_platform(platform: str):
-    """Kernels are chosen for `platform` ("cuda", "rocm", "tpu", "cpu") while tracing in this
-    block, instead of for this host's backend."""
-    if platform not in ("cuda", "rocm", "tpu", "cpu"):
-        raise ValueError(f"target_platform={platform!r} is unknown; choose cuda, rocm, tpu or cpu")
-    with _TARGET(platform):
-        yield
 
 
 def dot_product_attention(
@@ -89,7 +80,7 @@ def dot_product_attention(
     if implementation == "auto":
         general_mask = mask is not None or (causal and not _is_zero(q_offset))
         implementation, reason = select_implementation(
-            _backend(), q.dtype, q.shape[1], k.shape[1], batch=q.shape[0], heads=q.shape[2],
+            platform.backend(), q.dtype, q.shape[1], k.shape[1], batch=q.shape[0], heads=q.shape[2],
             head_dim=q.shape[3], has_bias=bias is not None, dense_mask=general_mask or q_segment_ids is not None,
             general_mask=general_mask, causal=causal)
         log.info("attention implementation=%s: %s", implementation, reason)
@@ -160,18 +151,6 @@ def _cudnn_unsupported(dtype, lq, lk, batch, head_dim, has_bias, dense_mask):
     return None
 
 
-def _backend() -> str:
-    """jax.default_backend(), with "gpu" split into "cuda" and "rocm" (cuDNN exists only on CUDA),
-    or the platform of an enclosing `target_platform`."""
-    if _TARGET.value is not None:
-        return _TARGET.value
-    backend = jax.default_backend()
-    if backend == "gpu":
-        version = getattr(jax.devices()[0].client, "platform_version", "").lower()
-        return "rocm" if "rocm" in version else "cuda"
-    return backend
-
-
 def _is_zero(x) -> bool:
     return isinstance(x, (int, np.integer)) and int(x) == 0
 
@@ -210,10 +189,10 @@ def _xla(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     dtype = q.dtype
     b, lq, h, d = q.shape
     kh = k.shape[2]
-    if _backend() == "cpu" and q.dtype != F32:  # XLA:CPU's DotThunk has no bf16 x bf16 -> f32 (jax 0.10.2),
+    if platform.backend() == "cpu" and q.dtype != F32:  # XLA:CPU's DotThunk has no bf16 x bf16 -> f32 (jax 0.10.2),
         q, k, v = (x.astype(F32) for x in (q, k, v))  # which a batched decode step over the KV cache hits
     qg = q.reshape(b, lq, kh, h // kh, d)  # [B, Lq, K, G, D]
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+    s = platform.einsum("bqkgd,bskd->bkgqs", qg, k) * scale
     s = s.reshape(b, h, lq, k.shape[1])
     if bias is not None:
         s = s + bias.astype(jnp.float32)
@@ -223,15 +202,15 @@ def _xla(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
         s = jnp.where(m, s, _MASKED)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     p = p.reshape(b, kh, h // kh, lq, k.shape[1])
-    o = jnp.einsum("bkgqs,bskd->bqkgd", p, v, preferred_element_type=jnp.float32)
+    o = platform.einsum("bkgqs,bskd->bqkgd", p, v)
     return o.reshape(b, lq, h, d).astype(dtype)
 
 
 def _splash(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     """Pallas splash attention (layers/splash.py); only `select_implementation`'s cases."""
-    backend = _backend()
-    if backend != "tpu":
-        raise ValueError(f"attention implementation='splash' needs a TPU; this backend is {backend} — use 'auto', 'xla' or 'chunked'")
+    platform_name = platform.backend()
+    if platform_name != "tpu":
+        raise ValueError(f"attention implementation='splash' needs a TPU; this backend is {platform_name} — use 'auto', 'xla' or 'chunked'")
     why_not = _splash_unsupported(q.dtype, q.shape[1], k.shape[1], bias is not None,
                                   mask is not None or (causal and not _is_zero(q_offset)), causal, prefer=False)
     if why_not is not None:
@@ -242,9 +221,9 @@ def _splash(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
 
 def _cudnn(q, k, v, causal, q_offset, q_seg, kv_seg, mask, bias, scale):
     """cuDNN flash attention via jax.nn; other masks than plain causal become a dense bias."""
-    backend = _backend()
-    if backend != "cuda":
-        raise ValueError(f"attention implementation='cudnn' needs a CUDA GPU; this backend is {backend} — use 'auto', 'xla' or 'chunked'")
+    platform_name = platform.backend()
+    if platform_name != "cuda":
+        raise ValueError(f"attention implementation='cudnn' needs a CUDA GPU; this backend is {platform_name} — use 'auto', 'xla' or 'chunked'")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention implementation='cudnn' needs bfloat16/float16 inputs, got {q.dtype} — cast them or use 'auto'/'chunked'")
     plain_causal = causal and _is_zero(q_offset)  # cuDNN's causal mask is top-left aligned
@@ -321,7 +300,7 @@ def _block(x5, cfg, i, j):
 
 def _scores_and_visible(cfg, q_offset, i, j, q_i, k_j, qseg_i, kvseg_j, mask5, bias5):
     """f32 scores [B, K, G, bq, bk] of tile (i, j) and which of them are visible."""
-    s = jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_j, preferred_element_type=F32) * cfg.scale
+    s = platform.einsum("bkgqd,bksd->bkgqs", q_i, k_j) * cfg.scale
     if bias5 is not None:
         s = s + _block(bias5, cfg, i, j).astype(F32)
     kpos = j * cfg.bk + jnp.arange(cfg.bk)
@@ -371,8 +350,7 @@ def _forward(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5):
             m_use = _finite_max(m_new)
             p = jnp.where(vis, jnp.exp(s - m_use[..., None]), 0.0)
             alpha = jnp.exp(m - m_use)
-            acc = alpha[..., None] * acc + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_blk.dtype), v_blk[j],
-                                                      preferred_element_type=F32)
+            acc = alpha[..., None] * acc + platform.einsum("bkgqs,bksd->bkgqd", p.astype(v_blk.dtype), v_blk[j])
             return m_new, alpha * l + p.sum(-1), acc
 
         init = (jnp.full(shape, -jnp.inf, F32), jnp.zeros(shape, F32), jnp.zeros(q_i.shape, F32))
@@ -415,12 +393,12 @@ def _attend_bwd(cfg, res, d_out):
             q_i, do_i = q_blk[i], d_out[i]
             s, vis = _scores_and_visible(cfg, q_offset, i, j, q_i, k_j, None if q_seg is None else q_seg[i], kvseg_j, mask5, bias5)
             p = jnp.where(vis, jnp.exp(s - lse[i][..., None]), 0.0)  # empty rows: lse=inf, p=0
-            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=F32)
+            dp = platform.einsum("bkgqd,bksd->bkgqs", do_i, v_j)
             ds = p * (dp - dd[i][..., None])
-            dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_i.dtype), do_i, preferred_element_type=F32)
+            dv = dv + platform.einsum("bkgqs,bkgqd->bksd", p.astype(do_i.dtype), do_i)
             dsc = ds.astype(q_blk.dtype)
-            dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", dsc, q_i, preferred_element_type=F32)
-            dq = dq.at[i].add(jnp.einsum("bkgqs,bksd->bkgqd", dsc, k_j, preferred_element_type=F32))
+            dk = dk + platform.einsum("bkgqs,bkgqd->bksd", dsc, q_i)
+            dq = dq.at[i].add(platform.einsum("bkgqs,bksd->bkgqd", dsc, k_j))
             if bias5 is not None:
                 db = _add_bias_tile(db, ds, cfg, i, j)
             return dk, dv, dq, db

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.layers import platform
 from transformer_jax.config import Config, ConfigError
 
 Task = Literal["lm", "mlm", "span", "seq2seq", "classify"]
@@ -175,7 +176,7 @@ def head_dtype(compute_dtype: str) -> jnp.dtype:
     """The fused output layer's matmul dtype. On CPU always float32: without bf16 hardware
     XLA:CPU runs bf16 x bf16 -> f32 dots ~30% slower than f32 ones (benchmarks/train_step.py:
     95 vs 143 GFLOP/s on the 2-core EPYC here), and the f32 master weight needs no cast."""
-    return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(compute_dtype)
+    return jnp.dtype(jnp.float32) if platform.backend() == "cpu" else jnp.dtype(compute_dtype)
 
 
 def init_inputs(task: str, batch: int, length: int) -> dict[str, jax.Array]:

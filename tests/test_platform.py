@@ -1,0 +1,63 @@
+"""`layers/platform.py`: float32-accumulating dots upcast their operands on CPU only, with the
+same numbers as the bf16 x bf16 -> f32 dot accelerators run, and XLA:CPU keeps them float32."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax.hlo_parse import ARRAY, parse_module
+from transformer_jax.layers import platform
+from transformer_jax.layers.dense import matmul
+
+DIMS = (((1,), (0,)), ((), ()))
+
+
+def _bf16(shape, seed):
+    return jax.random.normal(jax.random.key(seed), shape).astype(jnp.bfloat16)
+
+
+def _dot_operand_dtypes(jaxpr) -> list[list[str]]:
+    return [[str(v.aval.dtype) for v in e.invars] for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+
+
+@pytest.mark.parametrize("target,operands", [("cpu", "float32"), ("cuda", "bfloat16"), ("tpu", "bfloat16")])
+def test_operands_are_upcast_on_cpu_only(target, operands):
+    a, b = _bf16((128, 256), 0), _bf16((256, 96), 1)
+    with platform.target_platform(target):
+        jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+        einsum = jax.make_jaxpr(lambda a, b: platform.einsum("ik,kj->ij", a, b))(a, b)
+    assert _dot_operand_dtypes(jaxpr) == _dot_operand_dtypes(einsum) == [[operands] * 2]
+    assert jaxpr.out_avals[0].dtype == jnp.float32
+
+
+def test_thin_dots_keep_bf16_operands_on_cpu():
+    """Decoding a few rows against a weight is bandwidth-bound: bf16 reads half the bytes."""
+    rows = platform.MIN_UPCAST_FREE - 1
+    jaxpr = jax.make_jaxpr(lambda a, b: platform.einsum("bd,df->bf", a, b))(_bf16((rows, 256), 0), _bf16((256, 512), 1))
+    assert _dot_operand_dtypes(jaxpr) == [["bfloat16"] * 2]
+    jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(_bf16((512, 256), 0), _bf16((256, rows), 1), DIMS)
+    assert _dot_operand_dtypes(jaxpr) == [["bfloat16"] * 2]
+
+
+def test_upcast_dot_equals_the_bf16_dot():
+    """A product of two bf16 numbers is exact in float32, so only the summation order can differ."""
+    a, b = _bf16((64, 1024), 2), _bf16((1024, 96), 3)
+    got = platform.dot_general(a, b, DIMS)  # this host: a CPU
+    with platform.target_platform("cuda"):  # traced as for a GPU, run here
+        native = jax.jit(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    scale = np.abs(exact).max()
+    assert np.abs(np.asarray(got) - np.asarray(native)).max() <= 1e-6 * scale
+    assert np.abs(np.asarray(got) - exact).max() <= 1e-6 * scale
+
+
+def test_compiled_cpu_matmul_keeps_float32_operands():
+    """XLA:CPU must not fold the converts back into a bf16 dot (the slower kernel on CPU)."""
+    x, w = _bf16((4, 32, 64), 4), jax.random.normal(jax.random.key(5), (64, 96))
+    loss = lambda x, w: jnp.sum(matmul(x, w, 1, jnp.bfloat16).astype(jnp.float32) ** 2)  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    comps, _ = parse_module(text)
+    dots = [[ARRAY.match(c.by_name[o].shape).group(1) for o in i.operands[:2]]
+            for c in comps.values() for i in c.instrs if i.opcode == "dot"]
+    assert len(dots) == 3, dots  # forward, dx, dw
+    assert dots == [["f32", "f32"]] * 3
