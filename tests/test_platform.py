@@ -30,6 +30,29 @@ def test_operands_are_upcast_on_cpu_only(target, operands):
     assert jaxpr.out_avals[0].dtype == jnp.float32
 
 
+def test_accelerator_dots_keep_bf16_operands_on_cpu():
+    """`plan --chip` compiles on CPU a program that stands for the accelerator's."""
+    a, b = _bf16((128, 256), 0), _bf16((256, 96), 1)
+    with platform.accelerator_dots():
+        inside = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    outside = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    assert _dot_operand_dtypes(inside) == [["bfloat16"] * 2]
+    assert _dot_operand_dtypes(outside) == [["float32"] * 2]
+
+
+def test_a_multi_device_cpu_mesh_keeps_bf16_operands():
+    """8 fake CPU devices stand in for accelerators (and FSDP would gather an upcast kernel in f32)."""
+    a, b = _bf16((128, 256), 0), _bf16((256, 96), 1)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:1])
+    with jax.set_mesh(one):
+        upcast = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    assert _dot_operand_dtypes(jaxpr) == [["bfloat16"] * 2]
+    assert _dot_operand_dtypes(upcast) == [["float32"] * 2]
+
+
 def test_thin_dots_keep_bf16_operands_on_cpu():
     """Decoding a few rows against a weight is bandwidth-bound: bf16 reads half the bytes."""
     rows = platform.MIN_UPCAST_FREE - 1

@@ -287,6 +287,14 @@ def candidates(cfg, devices: int) -> list[tuple[str, object]]:
 
 def run_plan(cfg, devices: int, chip_name: str, layers: int | None = None, suggest: bool = True) -> dict:
     """Everything `plan` reports, as plain data; needs `devices` CPU devices in this process."""
+    if chip_name == "cpu":
+        return _run_plan(cfg, devices, chip_name, layers, suggest)
+    from transformer_jax.layers.platform import accelerator_dots
+    with accelerator_dots():  # the accelerator's bf16 dots, which layers/platform.py upcasts on CPU only
+        return _run_plan(cfg, devices, chip_name, layers, suggest)
+
+
+def _run_plan(cfg, devices: int, chip_name: str, layers: int | None, suggest: bool) -> dict:
     from transformer_jax.train.hardware import get_chip
     chip = get_chip(chip_name, devices)
     tokens = cfg.train.global_batch_size * cfg.train.seq_len

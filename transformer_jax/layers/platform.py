@@ -7,10 +7,10 @@ platform of an enclosing `target_platform` (to lower or export for a device this
         lowered = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",))
 
 `dot_general` / `einsum` contract low-precision operands with float32 accumulation. On GPUs
-and TPUs that is one bf16 x bf16 -> f32 dot (tensor cores, the MXU). On CPU the operands of a
-compute-bound dot are upcast to float32 first: the same products (a product of two bf16
-numbers is exact in float32) and the same float32 sums, but XLA:CPU's float32 GEMM is the
-faster one. Measured on a 2-core Xeon with avx512-bf16 (jax 0.10.2, the bench model's
+and TPUs that is one bf16 x bf16 -> f32 dot (tensor cores, the MXU). On one CPU device the
+operands of a compute-bound dot are upcast to float32 first: the same products (a product of
+two bf16 numbers is exact in float32) and the same float32 sums, but XLA:CPU's float32 GEMM is
+the faster one. Measured on a 2-core Xeon with avx512-bf16 (jax 0.10.2, the bench model's
 shapes, GFLOP/s): bf16 x bf16 -> f32 131 / 138 / 76 against upcast operands 178 / 147 / 139
 for [4096,512]x[512,2048], [4096,2048]x[2048,512] and [1024,512]x[512,32768].
 """
@@ -27,6 +27,7 @@ F32 = jnp.float32
 PLATFORMS = ("cuda", "rocm", "tpu", "cpu")
 MIN_UPCAST_FREE = 64  # rows and columns a dot needs before CPU upcasts its operands
 _TARGET = jax.make_user_context(None)  # part of jit's cache key: a new platform re-traces
+_ACCELERATOR_DOTS = jax.make_user_context(False)
 
 
 @contextlib.contextmanager
@@ -36,6 +37,14 @@ def target_platform(platform: str):
     if platform not in PLATFORMS:
         raise ValueError(f"target_platform={platform!r} is unknown; choose cuda, rocm, tpu or cpu")
     with _TARGET(platform):
+        yield
+
+
+@contextlib.contextmanager
+def accelerator_dots():
+    """Dots keep their bf16 operands on CPU too, as on a GPU or TPU: for a CPU compile that
+    stands for an accelerator's program (`plan --chip`), whose memory and collectives it reports."""
+    with _ACCELERATOR_DOTS(True):
         yield
 
 
@@ -52,13 +61,22 @@ def backend() -> str:
 
 
 def _operands(a: jax.Array, b: jax.Array, a_free: int, b_free: int) -> tuple[jax.Array, jax.Array]:
-    """float32 operands on CPU where both sides are reused often enough for the dot to be
-    compute-bound; a thin dot (e.g. decoding 8 rows against a weight) reads bf16 at half the bytes.
-    Measured on the same Xeon: the bench model's bf16 train step -8% wall / -10% CPU time upcast
-    (medians of 6 interleaved steps); its bf16 decode at batch 8 +10-25% per token upcast."""
-    if backend() == "cpu" and min(a_free, b_free) >= MIN_UPCAST_FREE:
+    """float32 operands on one CPU device where both sides are reused often enough for the dot
+    to be compute-bound; a thin dot (e.g. decoding 8 rows against a weight) reads bf16 at half the
+    bytes. Measured on the same Xeon: the bench model's bf16 train step -8% wall / -10% CPU time
+    upcast (medians of 6 interleaved steps). A multi-device CPU program keeps bf16 operands: it
+    stands in for an accelerator's (the collective and preset tests), and under FSDP XLA gathered
+    the upcast kernel in f32 (1.20x the textbook's all-gather bytes)."""
+    if min(a_free, b_free) >= MIN_UPCAST_FREE and _upcast_here():
         return a.astype(F32), b.astype(F32)
     return a, b
+
+
+def _upcast_here() -> bool:
+    if backend() != "cpu" or _ACCELERATOR_DOTS.value:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.shape.values()) == 1
 
 
 def _free_size(x: jax.Array, *used: tuple[int, ...]) -> int:
