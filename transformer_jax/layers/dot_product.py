@@ -14,11 +14,8 @@ with a FlashAttention-2 backward, memory linear in length, pure JAX, any backend
 (`jax.nn.dot_product_attention` on CUDA GPUs, bf16/fp16), `splash` (Pallas splash attention on
 TPU, layers/splash.py), `auto` (`select_implementation`).
 
-`auto` picks for the backend it runs on. To lower or export for another platform from this
-host (e.g. a GPU program from a CPU machine), say which while tracing:
-
-    with target_platform("cuda"):
-        lowered = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",))
+`auto` picks for the backend it runs on, or for the platform of an enclosing
+`layers.platform.target_platform` (to lower or export, e.g., a GPU program from a CPU machine).
 """
 from __future__ import annotations
 
@@ -35,7 +32,6 @@ from transformer_jax.layers import platform
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 KERNELS = IMPLEMENTATIONS + ("splash",)  # every name `implementation` accepts (splash: TPU only)
-target_platform = platform.target_platform  # re-exported: kernels are chosen per platform
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 F32 = jnp.float32
 # `auto` uses `chunked` instead of `xla` once one head's [Lq, Lk] scores exceed 512 x 512.
