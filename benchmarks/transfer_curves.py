@@ -9,9 +9,10 @@
     python benchmarks/transfer_curves.py --task classify --variants lora &
     python benchmarks/transfer_curves.py --task classify --report-only
 
-Sizes (CPU-cheap): 2-layer, 64-wide models, bpe 2048 trained on python_source, 64-token
-inputs; pretraining 300 steps of 16 rows; fine-tuning batch 16, evaluated at 12, 25, 50, 100
-and 200 steps.
+Sizes (CPU-cheap): 2-layer, 128-wide models, 64-token inputs, bpe trained on python_source
+(2048 for classify, 8192 for name); pretraining 6000 steps of 32 rows (12.3M tokens, 15x the
+longest fine-tune's); fine-tuning batch 16 (classify) or 32 (name), evaluated at 25, 50, 100,
+200, 400 and 800 steps.
 
 Two tasks on `python_functions` (split by function, 24 validation functions from each of the
 16 packages; `python_source`, the pretraining text, holds none of them):
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,6 +66,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 from transformer_jax import data  # noqa: E402
 from transformer_jax.checkpoint import CheckpointConfig, init_from  # noqa: E402
 from transformer_jax.data import DataConfig  # noqa: E402
+from transformer_jax.data.tokenizer import EOS_ID  # noqa: E402
 from transformer_jax.experiment import ExperimentConfig, TrainConfig  # noqa: E402
 from transformer_jax.models import get_config as model_config  # noqa: E402
 from transformer_jax.parallel import MeshConfig  # noqa: E402
@@ -73,23 +76,21 @@ from transformer_jax.train.losses import forward  # noqa: E402
 
 VARIANTS = ("pretrained", "scratch", "lora")
 SEQ_LEN = 64
-VOCAB = 2048  # bpe trained on python_source; a small output layer keeps CPU steps cheap
+EVALS = (25, 50, 100, 200, 400, 800)  # fine-tuning steps at which the metric is taken
 
 
 def settings(task: str, quick: bool) -> dict:
     """Model, pretraining and fine-tuning sizes of `task` (quick: a smoke run)."""
-    if task == "classify":
-        model = model_config("bert-base", vocab_size=VOCAB, d_model=64, num_heads=4, num_layers=2, d_ff=256,
+    if task == "classify":  # bpe 2048: a small MLM output layer keeps CPU steps cheap
+        model = model_config("bert-base", vocab_size=2048, d_model=128, num_heads=4, num_layers=2, d_ff=512,
                              max_len=SEQ_LEN, num_classes=16)
         s = dict(model=model, pre_task="mlm", ft_task="classify", seq_len=SEQ_LEN, target_len=None,
-                 pre_steps=300, pre_batch=16, pre_lr=2e-3, ft_batch=16, ft_lr=1e-3, lora_lr=3e-3,
-                 evals=(12, 25, 50, 100, 200))
-    else:
-        model = model_config("t5-small", vocab_size=VOCAB, d_model=64, num_heads=4, head_dim=16, num_layers=2,
-                             d_ff=256)
+                 pre_steps=6000, pre_batch=32, pre_lr=2e-3, ft_batch=16, ft_lr=1e-3, lora_lr=3e-3, evals=EVALS)
+    else:  # bpe 8192: names take 3.4 tokens on average (4.5 with 2048), so whole-name matches are reachable
+        model = model_config("t5-small", vocab_size=8192, d_model=128, num_heads=4, head_dim=32, num_layers=2,
+                             d_ff=512)
         s = dict(model=model, pre_task="span", ft_task="seq2seq", seq_len=SEQ_LEN, target_len=8,
-                 pre_steps=300, pre_batch=16, pre_lr=2e-3, ft_batch=16, ft_lr=1e-3, lora_lr=3e-3,
-                 evals=(12, 25, 50, 100, 200))
+                 pre_steps=6000, pre_batch=32, pre_lr=2e-3, ft_batch=32, ft_lr=2e-3, lora_lr=3e-3, evals=EVALS)
     if quick:
         s.update(model=s["model"].replace(d_model=32, d_ff=64, num_layers=1), pre_steps=6, pre_batch=8,
                  ft_batch=8, evals=(2, 4))
@@ -99,7 +100,7 @@ def settings(task: str, quick: bool) -> dict:
 def pretrain_config(task: str, s: dict) -> ExperimentConfig:
     return ExperimentConfig(
         name=f"transfer_curves_{task}_pretrain", model=s["model"],
-        data=DataConfig(source="python_source", task=s["pre_task"], vocab_size=VOCAB),
+        data=DataConfig(source="python_source", task=s["pre_task"], vocab_size=s["model"].vocab_size),
         task=TaskConfig(task=s["pre_task"]),
         train=TrainConfig(steps=s["pre_steps"], seq_len=s["seq_len"], global_batch_size=s["pre_batch"],
                           eval_every=0, eval_batches=10, log_every=max(1, s["pre_steps"] // 10)),
@@ -111,7 +112,7 @@ def finetune_config(task: str, s: dict, variant: str, seed: int) -> ExperimentCo
     lora = variant == "lora"
     return ExperimentConfig(
         name=f"transfer_curves_{task}_{variant}", model=s["model"].replace(lora_rank=8 if lora else 0),
-        data=DataConfig(source="python_functions", task=s["ft_task"], vocab_size=VOCAB),
+        data=DataConfig(source="python_functions", task=s["ft_task"], vocab_size=s["model"].vocab_size),
         task=TaskConfig(task=s["ft_task"]),
         train=TrainConfig(steps=max(s["evals"]), seq_len=s["seq_len"], target_seq_len=s["target_len"],
                           global_batch_size=s["ft_batch"], seed=seed, eval_every=0, log_every=10),
@@ -122,30 +123,42 @@ def finetune_config(task: str, s: dict, variant: str, seed: int) -> ExperimentCo
 
 # -- metrics ----------------------------------------------------------------------------
 
-def exact_match(run: Run, state) -> float:
-    """Fraction of validation examples whose every target token (eos included) is the argmax."""
+def name_scores(run: Run, state, answer: str | None = None) -> dict:
+    """exact_match: the fraction of validation names whose every target token (eos included) is the
+    argmax given the right prefix (what greedy decoding produces); token_accuracy: the fraction of
+    target tokens that are. With `answer`, the scores of that constant answer instead of the model's."""
     setup = run.setup
-    if not hasattr(run, "_predict"):
+    if answer is None and not hasattr(run, "_predict"):
         with setup.context():
             run._predict = jax.jit(lambda params, batch: forward(setup.model, params, batch, "seq2seq")[0].argmax(-1))
-    hits = total = 0
+    answer_ids = None if answer is None else np.asarray(run.tokenizer.encode(answer) + [EOS_ID])
+    names = names_right = tokens = tokens_right = 0
     it = run.iterator(run.cfg.data.eval_split, eval=True)
     for local in it:
-        with setup.context():
-            pred = np.asarray(run._predict(state.params, jax.device_put(local, setup.batch_sharding)))
-        seg, ok = local["target_segment_ids"], (pred == local["targets"]) | (local["weights"] == 0)
+        seg, w = local["target_segment_ids"], local["weights"] > 0
+        if answer_ids is None:
+            with setup.context():
+                pred = np.asarray(run._predict(state.params, jax.device_put(local, setup.batch_sharding)))
+        else:  # the answer's i-th token at each name's i-th position
+            pred = np.full_like(local["targets"], -1)
+            for r in range(seg.shape[0]):
+                for s_id in np.unique(seg[r][seg[r] > 0]):
+                    at = np.flatnonzero(seg[r] == s_id)[:len(answer_ids)]
+                    pred[r, at] = answer_ids[:len(at)]
+        right = pred == local["targets"]
+        tokens, tokens_right = tokens + w.sum(), tokens_right + (right & w).sum()
         for r in range(seg.shape[0]):
             for s_id in np.unique(seg[r][seg[r] > 0]):
-                hits += bool(ok[r][seg[r] == s_id].all())
-                total += 1
+                names, names_right = names + 1, names_right + bool((right | ~w)[r][seg[r] == s_id].all())
     it.close()
-    return hits / max(total, 1)
+    return dict(exact_match=names_right / max(names, 1), token_accuracy=float(tokens_right / max(tokens, 1)))
 
 
-def metric(run: Run, state, task: str) -> float:
+def metrics(run: Run, state, task: str) -> dict:
+    """The task's metrics, the first the headline one."""
     if task == "classify":
-        return run.evaluate(state, None, status=lambda text: None)["accuracy"]
-    return exact_match(run, state)
+        return dict(accuracy=run.evaluate(state, None, status=lambda text: None)["accuracy"])
+    return name_scores(run, state)
 
 
 def constant_baseline(task: str) -> tuple[str, float]:
@@ -193,31 +206,33 @@ def finetune(task: str, s: dict, variant: str, seed: int, pretrain_dir: Path, wo
         params, _ = init_from(str(pretrain_dir), state.params)
         state = state.replace(params=params)
     it = run.iterator(run.cfg.data.train_split)
-    curve, t0, train_s = {}, time.time(), 0.0
+    curves, t0 = {}, time.time()
     for step in range(1, max(s["evals"]) + 1):
-        batch = data.make_global_batch(next(it), setup.batch_sharding)
-        t = time.time()
-        state, _ = setup.train_step(state, batch)
+        state, _ = setup.train_step(state, data.make_global_batch(next(it), setup.batch_sharding))
         if step in s["evals"]:
-            jax.block_until_ready(state.params)
-            train_s += time.time() - t
-            curve[step] = metric(run, state, task)
-            print(f"  {task} {variant} seed {seed} step {step}: {curve[step]:.4f}", flush=True)
+            for name, x in metrics(run, state, task).items():
+                curves.setdefault(name, {})[step] = x
+            print(f"  {task} {variant} seed {seed} step {step}: "
+                  + ", ".join(f"{name} {c[step]:.4f}" for name, c in curves.items()), flush=True)
     it.close()
     run.ckpt.close()
-    return dict(curve=curve, trained=setup.trainable_count, params=setup.param_count,
-                seconds=time.time() - t0)
+    out = dict(curve=next(iter(curves.values())), trained=setup.trainable_count, params=setup.param_count,
+               seconds=time.time() - t0)
+    if task == "name":  # the token accuracy, with the constant answer's beside it
+        out.update(token_curve=curves["token_accuracy"],
+                   token_baseline=name_scores(run, None, constant_baseline(task)[0])["token_accuracy"])
+    return out
 
 
 # -- report -----------------------------------------------------------------------------
 
-def summarise(results: dict, evals) -> dict:
-    """variant -> step -> (mean, min, max) over seeds."""
+def summarise(results: dict, evals, key: str = "curve") -> dict:
+    """variant -> step -> (mean, min, max) over seeds of the runs' `key` curve."""
     out = {}
     for v, runs in results.items():
         out[v] = {}
         for step in evals:
-            xs = [r["curve"][step] for r in runs]
+            xs = [r[key][step] for r in runs]
             out[v][step] = (float(np.mean(xs)), float(min(xs)), float(max(xs)))
     return out
 
@@ -230,6 +245,24 @@ def catch_up(summary: dict, evals) -> int | None:
     return None
 
 
+def _table(s: dict, summ: dict) -> list[str]:
+    lines = ["| steps | examples seen | pretrained | scratch | LoRA r=8 | pretrained - scratch | beyond spread |",
+             "|---:|---:|---|---|---|---:|:---:|"]
+    for step in s["evals"]:
+        cells = [f"{summ[v][step][0]:.3f} ({summ[v][step][1]:.3f}-{summ[v][step][2]:.3f})" for v in VARIANTS]
+        gap = summ["pretrained"][step][0] - summ["scratch"][step][0]
+        clear = summ["pretrained"][step][1] > summ["scratch"][step][2]  # worst pretrained > best scratch
+        lines.append(f"| {step} | {step * s['ft_batch']:,} | " + " | ".join(cells) + f" | {gap:+.3f} | "
+                     f"{'yes' if clear else 'no'} |")
+    return lines
+
+
+def _catch_up_line(summ: dict, evals) -> str:
+    cu = catch_up(summ, evals)
+    return "Scratch catches up: " + (f"already at the first budget ({cu} steps)." if cu == evals[0] else
+                                     f"at {cu} steps." if cu else f"not within {max(evals)} steps.")
+
+
 def markdown(task: str, s: dict, results: dict, pre: dict, baseline: tuple[str, float], seeds) -> str:
     evals = s["evals"]
     summ = summarise(results, evals)
@@ -237,29 +270,24 @@ def markdown(task: str, s: dict, results: dict, pre: dict, baseline: tuple[str, 
     lines = [f"### {task}: {metric_name} vs fine-tuning steps ({len(seeds)} seeds)", "",
              f"Constant answer (most common in training, `{baseline[0]}`): **{baseline[1]:.3f}**. "
              f"Fine-tuning: batch {s['ft_batch']} x {s['seq_len']} tokens per step, constant lr after warmup.",
-             "", "| steps | examples seen | pretrained | scratch | LoRA r=8 | pretrained - scratch | beyond spread |",
-             "|---:|---:|---|---|---|---:|:---:|"]
-    for step in evals:
-        cells = [f"{summ[v][step][0]:.3f} ({summ[v][step][1]:.3f}-{summ[v][step][2]:.3f})" for v in VARIANTS]
-        gap = summ["pretrained"][step][0] - summ["scratch"][step][0]
-        clear = summ["pretrained"][step][1] > summ["scratch"][step][2]  # worst pretrained > best scratch
-        lines.append(f"| {step} | {step * s['ft_batch']:,} | " + " | ".join(cells) + f" | {gap:+.3f} | "
-                     f"{'yes' if clear else 'no'} |")
-    cu = catch_up(summ, evals)
+             "", *_table(s, summ)]
     ft_tokens = max(evals) * s["ft_batch"] * s["seq_len"]
     lines += ["", "Cells: mean over seeds (min-max). \"beyond spread\": every pretrained seed above every "
-              "scratch seed.", "",
-              "Scratch catches up: " + (f"already at the first budget ({cu} steps)." if cu == evals[0] else
-                                        f"at {cu} steps." if cu else f"not within {max(evals)} steps."),
+              "scratch seed.", "", _catch_up_line(summ, evals),
               f"Pretraining cost: {pre['steps']} steps x {pre['batch']} x {pre['seq_len']} = "
               f"{pre['input_tokens'] / 1e6:.2f}M input tokens of python_source ({pre['params'] / 1e6:.2f}M params, "
               f"{pre['flops'] / 1e12:.2f} TFLOP), {pre['step_seconds']:.0f} s of steps ({pre['seconds']:.0f} s with "
-              f"data preparation, compilation and evaluation) on a loaded 2-core CPU; "
+              f"data preparation, compilation and evaluation) on {os.cpu_count()} CPU cores; "
               f"{pre['input_tokens'] / ft_tokens:.1f}x the "
               f"tokens of the longest fine-tune ({max(evals)} steps); its validation loss {pre['eval_loss']:.3f}, "
               f"accuracy {pre['eval_accuracy']:.3f}.",
               f"Trained parameters: full {results['pretrained'][0]['trained'] / 1e6:.3f}M, "
               f"LoRA {results['lora'][0]['trained'] / 1e6:.3f}M of {results['lora'][0]['params'] / 1e6:.3f}M."]
+    if "token_curve" in results["pretrained"][0]:  # name: the per-token view of the same predictions
+        tokens = summarise(results, evals, "token_curve")
+        lines += ["", f"### {task}: validation token accuracy of the name (eos included, right prefix given)", "",
+                  f"Constant answer `{baseline[0]}`: **{results['pretrained'][0]['token_baseline']:.3f}**.", "",
+                  *_table(s, tokens), "", _catch_up_line(tokens, evals)]
     return "\n".join(lines) + "\n"
 
 
@@ -268,21 +296,24 @@ def plot(task: str, s: dict, results: dict, baseline: tuple[str, float], path: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     evals = s["evals"]
-    summ = summarise(results, evals)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for v, color in zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")):
-        mean = [summ[v][e][0] for e in evals]
-        ax.plot(evals, mean, "o-", color=color, label=v)
-        ax.fill_between(evals, [summ[v][e][1] for e in evals], [summ[v][e][2] for e in evals], color=color,
-                        alpha=0.2)
-    ax.axhline(baseline[1], color="gray", ls="--", label=f"constant answer ({baseline[0]})")
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ax.set_xticks(evals, [str(e) for e in evals])
-    ax.set_xlabel("fine-tuning steps")
-    ax.set_ylabel("validation accuracy" if task == "classify" else "validation exact match")
-    ax.set_title(f"python_functions {task}: mean and min-max of {len(results['scratch'])} seeds")
-    ax.legend()
+    panels = [("curve", "validation accuracy" if task == "classify" else "validation exact match", baseline[1])]
+    if "token_curve" in results["pretrained"][0]:
+        panels.append(("token_curve", "validation token accuracy", results["pretrained"][0]["token_baseline"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, label, constant) in zip(axes[0], panels):
+        summ = summarise(results, evals, key)
+        for v, color in zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green")):
+            ax.plot(evals, [summ[v][e][0] for e in evals], "o-", color=color, label=v)
+            ax.fill_between(evals, [summ[v][e][1] for e in evals], [summ[v][e][2] for e in evals], color=color,
+                            alpha=0.2)
+        ax.axhline(constant, color="gray", ls="--", label=f"constant answer ({baseline[0]})")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(evals, [str(e) for e in evals])
+        ax.set_xlabel("fine-tuning steps")
+        ax.set_ylabel(label)
+        ax.set_title(f"python_functions {task}: mean and min-max of {len(results['scratch'])} seeds")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -297,7 +328,8 @@ def run_task(task: str, args) -> str:
         results = {}
         for path in [out / f"{task}.json"] if (out / f"{task}.json").exists() else sorted(out.glob(f"{task}.*.json")):
             saved = json.loads(path.read_text())
-            results.update({v: [dict(r, curve={int(k): x for k, x in r["curve"].items()}) for r in runs]
+            results.update({v: [dict(r, **{key: {int(k): x for k, x in r[key].items()}
+                                               for key in ("curve", "token_curve") if key in r}) for r in runs]
                             for v, runs in saved["results"].items()})
         pre, baseline = pretrain_cost(task, s, workdir / "pretrain"), tuple(saved["baseline"])
         seeds = range(len(results["scratch"]))
