@@ -22,7 +22,7 @@ of which python_source (the pretraining text) contains; see data/functions.py.
 Fine-tuning: 150 steps of 32 functions (128 tokens), AdamW peak lr 5e-4, cosine.
 
 Learning curves (pretrained vs random init vs LoRA, 3 seeds, metric vs fine-tuning steps, with
-the constant-answer baseline) on this split, for a smaller model pretrained in minutes:
+the constant-answer baseline) on this split, for a smaller model pretrained in 15 minutes on 2 cores:
 `python benchmarks/transfer_curves.py`, results in docs/transfer/. (The numbers this file
 used to quote were measured on an earlier split by file, where one file held 37 of 106
 validation functions and a constant answer beat every model; they no longer apply.)
