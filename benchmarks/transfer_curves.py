@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -145,20 +146,20 @@ def name_scores(run: Run, state, answer: str | None = None) -> dict:
     it = run.iterator(run.cfg.data.eval_split, eval=True)
     for local in it:
         seg, w = local["target_segment_ids"], local["weights"] > 0
+        name_at = [(r, np.flatnonzero(seg[r] == s_id)) for r in range(seg.shape[0])
+                   for s_id in np.unique(seg[r][seg[r] > 0])]  # (row, target positions) of each name
         if answer_ids is None:
             with setup.context():
                 pred = np.asarray(run._predict(state.params, jax.device_put(local, setup.batch_sharding)))
         else:  # the answer's i-th token at each name's i-th position
             pred = np.full_like(local["targets"], -1)
-            for r in range(seg.shape[0]):
-                for s_id in np.unique(seg[r][seg[r] > 0]):
-                    at = np.flatnonzero(seg[r] == s_id)[:len(answer_ids)]
-                    pred[r, at] = answer_ids[:len(at)]
+            for r, at in name_at:
+                n = min(len(at), len(answer_ids))
+                pred[r, at[:n]] = answer_ids[:n]
         right = pred == local["targets"]
         tokens, tokens_right = tokens + w.sum(), tokens_right + (right & w).sum()
-        for r in range(seg.shape[0]):
-            for s_id in np.unique(seg[r][seg[r] > 0]):
-                names, names_right = names + 1, names_right + bool((right | ~w)[r][seg[r] == s_id].all())
+        names += len(name_at)
+        names_right += sum(bool((right | ~w)[r, at].all()) for r, at in name_at)
     it.close()
     return dict(exact_match=names_right / max(names, 1), token_accuracy=float(tokens_right / max(tokens, 1)))
 
@@ -170,6 +171,7 @@ def metrics(run: Run, state, task: str) -> dict:
     return name_scores(run, state)
 
 
+@functools.cache  # seconds: parses the stdlib; every fine-tune of a task asks for it
 def constant_baseline(task: str) -> tuple[str, float]:
     """(answer, validation score) of the most common training answer, given to every example."""
     from transformer_jax.data.functions import function_split
