@@ -112,19 +112,22 @@ def _plain_bf16_dots(enable: bool):
         embeddings.matmul = fn
 
 
-VARIANTS = {  # name -> (model overrides, task overrides, plain bf16 dots)
-    "f32": (dict(), dict(), False),
-    "f32-whole-logits": (dict(), dict(loss_chunk=0), False),
-    "f32-chunk-64": (dict(), dict(loss_chunk=64), False),
-    "f32-chunk-256": (dict(), dict(loss_chunk=256), False),
-    "f32-unrolled": (dict(scan_layers=False), dict(), False),
-    "f32-remat-dots": (dict(remat="dots"), dict(), False),
-    "f32-remat-full": (dict(remat="full"), dict(), False),
-    "f32-attn-xla": (dict(attention="xla"), dict(), False),
-    "bf16": (dict(dtype="bfloat16"), dict(), False),
-    "bf16-attn-xla": (dict(dtype="bfloat16", attention="xla"), dict(), False),
-    "bf16-whole-logits": (dict(dtype="bfloat16"), dict(loss_chunk=0), False),
-    "bf16-plain-dots": (dict(dtype="bfloat16"), dict(), True),
+VARIANTS = {  # name -> (model overrides, task overrides, dots)
+    # dots: None as the library picks, "plain" bf16 x bf16 -> bf16, or a layers.platform.cpu_dots kind
+    "f32": (dict(), dict(), None),
+    "f32-whole-logits": (dict(), dict(loss_chunk=0), None),
+    "f32-chunk-64": (dict(), dict(loss_chunk=64), None),
+    "f32-chunk-256": (dict(), dict(loss_chunk=256), None),
+    "f32-unrolled": (dict(scan_layers=False), dict(), None),
+    "f32-remat-dots": (dict(remat="dots"), dict(), None),
+    "f32-remat-full": (dict(remat="full"), dict(), None),
+    "f32-attn-xla": (dict(attention="xla"), dict(), None),
+    "bf16": (dict(dtype="bfloat16"), dict(), None),
+    "bf16-attn-xla": (dict(dtype="bfloat16", attention="xla"), dict(), None),
+    "bf16-whole-logits": (dict(dtype="bfloat16"), dict(loss_chunk=0), None),
+    "bf16-plain-dots": (dict(dtype="bfloat16"), dict(), "plain"),
+    "bf16-upcast-dots": (dict(dtype="bfloat16"), dict(), "f32"),
+    "bf16-bf16-dots": (dict(dtype="bfloat16"), dict(), "bf16"),
 }
 
 
@@ -149,11 +152,13 @@ def run_steps(setup, n):
 
 def _our_runner(name):
     """(compile seconds, one blocking step, peak name) for a VARIANTS row."""
-    overrides, task, plain = VARIANTS[name]
-    _plain_bf16_dots(plain)
+    from transformer_jax.layers.platform import cpu_dots
+    overrides, task, dots = VARIANTS[name]
+    _plain_bf16_dots(dots == "plain")
     setup = one_device_setup(task=task, **overrides)
     t = time.perf_counter()
-    setup.compiled_train_step(BATCH)  # traced with the variant's matmul: the executable keeps it
+    with cpu_dots(dots if dots in ("f32", "bf16") else "auto"):
+        setup.compiled_train_step(BATCH)  # traced with the variant's matmul: the executable keeps it
     compile_s = time.perf_counter() - t
     _plain_bf16_dots(False)
     box, batch = [setup.init_state()], jax.device_put(BATCH, setup.batch_sharding)
@@ -161,7 +166,7 @@ def _our_runner(name):
     def step():
         box[0], m = setup.train_step(box[0], batch)
         jax.block_until_ready(m)
-    return compile_s, step, "f32" if name.startswith("f32") else ("bf16" if plain else "bf16-f32acc")
+    return compile_s, step, "f32" if name.startswith("f32") else ("bf16" if dots == "plain" else "bf16-f32acc")
 
 
 def step_table():

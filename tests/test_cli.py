@@ -53,6 +53,14 @@ def test_bad_settings_are_one_line_errors(args, message, capsys, tmp_path):
     assert "Traceback" not in err
 
 
+def test_a_bad_cpu_dots_environment_variable_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TRANSFORMER_JAX_CPU_DOTS", "fast")
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "TRANSFORMER_JAX_CPU_DOTS='fast' is unknown; choose f32" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_broken_experiment_file_is_named(tmp_path, capsys):
     bad = tmp_path / "broken.py"
     bad.write_text("def get_config(:\n")

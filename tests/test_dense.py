@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from transformer_jax.layers.dense import matmul
-from transformer_jax.layers.platform import target_platform
+from transformer_jax.layers.platform import cpu_dots, target_platform
 
 CASES = [  # x shape, w shape, contracted dims
     ((4, 8, 16), (16, 3, 5), 1),  # [B, L, D] . [D, H, Dh]
@@ -51,7 +51,7 @@ def test_backward_matmuls_run_in_the_compute_dtype(target):
     them to float32 (the faster kernel there, the same products: tests/test_platform.py)."""
     x, w = _inputs((4, 32, 64), (64, 2, 64))  # every dot at least MIN_UPCAST_FREE rows and columns
     grad = jax.grad(lambda x, w: jnp.sum(matmul(x, w, 1, jnp.bfloat16).astype(jnp.float32) ** 2), argnums=(0, 1))
-    with target_platform(target):
+    with target_platform(target), cpu_dots("f32"):
         eqns = jax.make_jaxpr(grad)(x, w).eqns
     dots = [e for e in eqns if e.primitive.name == "dot_general"]
     assert len(dots) == 3  # forward, dx, dw

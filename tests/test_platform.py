@@ -1,5 +1,10 @@
-"""`layers/platform.py`: float32-accumulating dots upcast their operands on CPU only, with the
-same numbers as the bf16 x bf16 -> f32 dot accelerators run, and XLA:CPU keeps them float32."""
+"""`layers/platform.py`: float32-accumulating dots upcast their operands on CPU only, and only
+where this CPU's float32 GEMM is the faster (`cpu_dots`, the environment, or a timed probe), with
+the same numbers as the bf16 x bf16 -> f32 dot accelerators run, and XLA:CPU keeps them float32."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +28,7 @@ def _dot_operand_dtypes(jaxpr) -> list[list[str]]:
 @pytest.mark.parametrize("target,operands", [("cpu", "float32"), ("cuda", "bfloat16"), ("tpu", "bfloat16")])
 def test_operands_are_upcast_on_cpu_only(target, operands):
     a, b = _bf16((128, 256), 0), _bf16((256, 96), 1)
-    with platform.target_platform(target):
+    with platform.target_platform(target), platform.cpu_dots("f32"):
         jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
         einsum = jax.make_jaxpr(lambda a, b: platform.einsum("ik,kj->ij", a, b))(a, b)
     assert _dot_operand_dtypes(jaxpr) == _dot_operand_dtypes(einsum) == [[operands] * 2]
@@ -33,9 +38,10 @@ def test_operands_are_upcast_on_cpu_only(target, operands):
 def test_accelerator_dots_keep_bf16_operands_on_cpu():
     """`plan --chip` compiles on CPU a program that stands for the accelerator's."""
     a, b = _bf16((128, 256), 0), _bf16((256, 96), 1)
-    with platform.accelerator_dots():
-        inside = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
-    outside = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    with platform.cpu_dots("f32"):
+        with platform.accelerator_dots():
+            inside = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+        outside = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
     assert _dot_operand_dtypes(inside) == [["bfloat16"] * 2]
     assert _dot_operand_dtypes(outside) == [["float32"] * 2]
 
@@ -47,7 +53,7 @@ def test_a_multi_device_cpu_mesh_keeps_bf16_operands():
     with jax.set_mesh(mesh):
         jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
     one = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:1])
-    with jax.set_mesh(one):
+    with jax.set_mesh(one), platform.cpu_dots("f32"):
         upcast = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
     assert _dot_operand_dtypes(jaxpr) == [["bfloat16"] * 2]
     assert _dot_operand_dtypes(upcast) == [["float32"] * 2]
@@ -56,16 +62,20 @@ def test_a_multi_device_cpu_mesh_keeps_bf16_operands():
 def test_thin_dots_keep_bf16_operands_on_cpu():
     """Decoding a few rows against a weight is bandwidth-bound: bf16 reads half the bytes."""
     rows = platform.MIN_UPCAST_FREE - 1
-    jaxpr = jax.make_jaxpr(lambda a, b: platform.einsum("bd,df->bf", a, b))(_bf16((rows, 256), 0), _bf16((256, 512), 1))
-    assert _dot_operand_dtypes(jaxpr) == [["bfloat16"] * 2]
-    jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(_bf16((512, 256), 0), _bf16((256, rows), 1), DIMS)
+    with platform.cpu_dots("f32"):
+        jaxpr = jax.make_jaxpr(lambda a, b: platform.einsum("bd,df->bf", a, b))(_bf16((rows, 256), 0),
+                                                                               _bf16((256, 512), 1))
+        assert _dot_operand_dtypes(jaxpr) == [["bfloat16"] * 2]
+        jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(_bf16((512, 256), 0), _bf16((256, rows), 1),
+                                                                       DIMS)
     assert _dot_operand_dtypes(jaxpr) == [["bfloat16"] * 2]
 
 
 def test_upcast_dot_equals_the_bf16_dot():
     """A product of two bf16 numbers is exact in float32, so only the summation order can differ."""
     a, b = _bf16((64, 1024), 2), _bf16((1024, 96), 3)
-    got = platform.dot_general(a, b, DIMS)  # this host: a CPU
+    with platform.cpu_dots("f32"):
+        got = jax.jit(platform.dot_general, static_argnums=2)(a, b, DIMS)  # this host: a CPU
     with platform.target_platform("cuda"):  # traced as for a GPU, run here
         native = jax.jit(platform.dot_general, static_argnums=2)(a, b, DIMS)
     exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
@@ -78,9 +88,54 @@ def test_compiled_cpu_matmul_keeps_float32_operands():
     """XLA:CPU must not fold the converts back into a bf16 dot (the slower kernel on CPU)."""
     x, w = _bf16((4, 32, 64), 4), jax.random.normal(jax.random.key(5), (64, 96))
     loss = lambda x, w: jnp.sum(matmul(x, w, 1, jnp.bfloat16).astype(jnp.float32) ** 2)  # noqa: E731
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    with platform.cpu_dots("f32"):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
     comps, _ = parse_module(text)
     dots = [[ARRAY.match(c.by_name[o].shape).group(1) for o in i.operands[:2]]
             for c in comps.values() for i in c.instrs if i.opcode == "dot"]
     assert len(dots) == 3, dots  # forward, dx, dw
     assert dots == [["f32", "f32"]] * 3
+
+
+def test_bf16_cpu_dots_keep_bf16_operands_and_the_same_numbers():
+    """Where bf16 x bf16 -> f32 is this CPU's faster dot (an AMD EPYC: 1.7-2x), nothing is upcast."""
+    a, b = _bf16((128, 256), 0), _bf16((256, 96), 1)
+    with platform.cpu_dots("bf16"):
+        jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+        native = jax.jit(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    with platform.cpu_dots("f32"):
+        upcast = jax.jit(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    assert _dot_operand_dtypes(jaxpr) == [["bfloat16"] * 2]
+    scale = np.abs(np.asarray(upcast)).max()
+    assert np.abs(np.asarray(native) - np.asarray(upcast)).max() <= 1e-6 * scale
+
+
+def test_the_probe_picks_a_kind_once_and_auto_uses_it():
+    kind = platform.faster_cpu_dot()
+    assert kind in ("f32", "bf16")
+    assert platform.faster_cpu_dot() is kind  # timed once per process
+    a, b = _bf16((128, 256), 0), _bf16((256, 96), 1)
+    with platform.cpu_dots("auto"):
+        jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)
+    assert _dot_operand_dtypes(jaxpr) == [["float32" if kind == "f32" else "bfloat16"] * 2]
+
+
+def test_the_probe_keeps_f32_unless_bf16_is_clearly_faster():
+    """A margin no dot can reach keeps the upcast; a margin every dot reaches picks bf16."""
+    assert platform.faster_cpu_dot.__wrapped__(rounds=2, margin=1e9) == "f32"
+    assert platform.faster_cpu_dot.__wrapped__(rounds=2, margin=0.0) == "bf16"
+
+
+def test_the_environment_fixes_the_choice_and_a_bad_value_is_one_clear_error():
+    code = ("import jax, jax.numpy as jnp\n"
+            "from transformer_jax.layers import platform\n"
+            "a = jnp.ones((128, 256), jnp.bfloat16)\n"
+            "j = jax.make_jaxpr(lambda a: platform.einsum('ik,kj->ij', a, a.T))(a)\n"
+            "print([str(v.aval.dtype) for e in j.eqns if e.primitive.name == 'dot_general' for v in e.invars])\n")
+    for kind, dtype in (("f32", "float32"), ("bf16", "bfloat16")):
+        env = dict(os.environ, **{platform.CPU_DOTS_ENV: kind})
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == str([dtype, dtype])
+    with pytest.raises(ValueError, match="cpu_dots='fast' is unknown; choose f32"):
+        with platform.cpu_dots("fast"):
+            pass

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformer_jax.config import ConfigError
 
     try:
+        _check_environment()
         if args.command == "generate":
             from transformer_jax.train.run import generate_cli
             return generate_cli(args)
@@ -125,6 +126,16 @@ def _load(args, load_experiment):
         from transformer_jax.experiment import load_run_config
         return load_run_config(args.workdir).apply_overrides(args.overrides)
     return load_experiment(args.config, args.overrides)
+
+
+def _check_environment() -> None:
+    """Settings read from the environment while tracing fail here, in one line, before compiling."""
+    from transformer_jax.config import ConfigError
+    from transformer_jax.layers.platform import CPU_DOT_KINDS, CPU_DOTS_ENV
+    kind = os.environ.get(CPU_DOTS_ENV, "auto")
+    if kind not in CPU_DOT_KINDS:
+        raise ConfigError(f"{CPU_DOTS_ENV}={kind!r} is unknown; choose f32 (upcast bf16 dots on CPU), bf16 or "
+                          "auto (time both once), or unset it")
 
 
 def _check_init_from(init_from: str | None, workdir: Path) -> None:

@@ -29,8 +29,8 @@ def matmul(x: jax.Array, w: jax.Array, n_contract: int, dtype: Any) -> jax.Array
     """Contracts the last `n_contract` dims of x with the first of w, in `dtype`.
 
     Accumulates in float32 and returns `dtype` (`platform.dot_general`: one bf16 x bf16 -> f32
-    dot on accelerators; on CPU the operands of a large enough dot upcast to f32, the faster
-    kernel there). With weights stored wider than `dtype` (f32 master weights, bf16 compute) the
+    dot on accelerators; on a CPU whose float32 GEMM is the faster, the operands of a large
+    enough dot upcast to f32). With weights stored wider than `dtype` (f32 master weights, bf16 compute) the
     backward pass's two matmuls also take `dtype` operands with float32 accumulation
     (`_mixed_matmul`).
     """

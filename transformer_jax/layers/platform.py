@@ -7,17 +7,30 @@ platform of an enclosing `target_platform` (to lower or export for a device this
         lowered = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",))
 
 `dot_general` / `einsum` contract low-precision operands with float32 accumulation. On GPUs
-and TPUs that is one bf16 x bf16 -> f32 dot (tensor cores, the MXU). On one CPU device the
-operands of a compute-bound dot are upcast to float32 first: the same products (a product of
-two bf16 numbers is exact in float32) and the same float32 sums, but XLA:CPU's float32 GEMM is
-the faster one. Measured on a 2-core Xeon with avx512-bf16 (jax 0.10.2, the bench model's
-shapes, GFLOP/s): bf16 x bf16 -> f32 131 / 138 / 76 against upcast operands 178 / 147 / 139
-for [4096,512]x[512,2048], [4096,2048]x[2048,512] and [1024,512]x[512,32768].
+and TPUs that is one bf16 x bf16 -> f32 dot (tensor cores, the MXU). On one CPU device it is
+whichever of two equal computations this CPU runs faster: that dot, or the operands upcast to
+float32 first (the same products, a product of two bf16 numbers being exact in float32, and
+the same float32 sums). Which one wins depends on the CPU, not on its flags. Measured with
+jax 0.10.2 on the bench model's shapes [4096,512]x[512,2048], [4096,2048]x[2048,512] and
+[1024,512]x[512,32768], GFLOP/s, bf16 x bf16 -> f32 against upcast:
+
+- 2-core Xeon, avx512-bf16, no AMX: 131 / 138 / 76 against 178 / 147 / 139 (upcast wins);
+- 2-core AMD EPYC, avx512-bf16: 239 / 282 / 243 against 143 / 135 / 151 (bf16 wins).
+
+So the first CPU dot traced in a process times one [512, 1024] x [1024, 1024] dot both ways
+(about 0.1 s) and keeps the faster, upcasting unless bf16 is clearly (1.15x) faster. The
+environment variable `TRANSFORMER_JAX_CPU_DOTS=f32|bf16|auto` (default auto) or the
+`cpu_dots(...)` context fixes the choice, e.g. for programs that must compile the same on
+every host.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +41,9 @@ PLATFORMS = ("cuda", "rocm", "tpu", "cpu")
 MIN_UPCAST_FREE = 64  # rows and columns a dot needs before CPU upcasts its operands
 _TARGET = jax.make_user_context(None)  # part of jit's cache key: a new platform re-traces
 _ACCELERATOR_DOTS = jax.make_user_context(False)
+CPU_DOTS_ENV = "TRANSFORMER_JAX_CPU_DOTS"
+CPU_DOT_KINDS = ("f32", "bf16", "auto")
+_CPU_DOTS = jax.make_user_context(None)  # a `cpu_dots` choice, else the environment's
 
 
 @contextlib.contextmanager
@@ -48,6 +64,48 @@ def accelerator_dots():
         yield
 
 
+@contextlib.contextmanager
+def cpu_dots(kind: str):
+    """Large low-precision dots on one CPU device run as `kind` while tracing in this block:
+    "f32" upcasts their operands, "bf16" keeps bf16 x bf16 -> f32, "auto" times both once."""
+    _check_kind(kind, "cpu_dots")
+    with _CPU_DOTS(kind):
+        yield
+
+
+def cpu_dot_kind() -> str:
+    """"f32" or "bf16": how a compute-bound low-precision dot runs on one CPU device here."""
+    kind = _CPU_DOTS.value or os.environ.get(CPU_DOTS_ENV, "auto")
+    _check_kind(kind, CPU_DOTS_ENV)
+    return faster_cpu_dot() if kind == "auto" else kind
+
+
+def _check_kind(kind: str, name: str):
+    if kind not in CPU_DOT_KINDS:
+        raise ValueError(f"{name}={kind!r} is unknown; choose f32 (upcast operands), bf16 or auto (time both)")
+
+
+@functools.cache
+def faster_cpu_dot(rounds: int = 5, margin: float = 1.15) -> str:
+    """Times a [512, 1024] x [1024, 1024] bf16 dot with f32 accumulation, as bf16 x bf16 and
+    with operands upcast, interleaved for `rounds`; "bf16" if its median is `margin` x faster."""
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.ensure_compile_time_eval():
+        a = jax.device_put(jnp.ones((512, 1024), jnp.bfloat16), cpu)
+        b = jax.device_put(jnp.ones((1024, 1024), jnp.bfloat16), cpu)
+        dots = {"bf16": jax.jit(lambda a, b: lax.dot(a, b, preferred_element_type=F32)),
+                "f32": jax.jit(lambda a, b: lax.dot(a.astype(F32), b.astype(F32), preferred_element_type=F32))}
+        times = {k: [] for k in dots}
+        for i in range(rounds + 1):
+            for kind, dot in dots.items():
+                t = time.perf_counter()
+                dot(a, b).block_until_ready()
+                if i:  # the first round compiles
+                    times[kind].append(time.perf_counter() - t)
+    ratio = statistics.median(times["f32"]) / statistics.median(times["bf16"])
+    return "bf16" if ratio >= margin else "f32"
+
+
 def backend() -> str:
     """jax.default_backend(), with "gpu" split into "cuda" and "rocm" (cuDNN exists only on CUDA),
     or the platform of an enclosing `target_platform`."""
@@ -61,13 +119,13 @@ def backend() -> str:
 
 
 def _operands(a: jax.Array, b: jax.Array, a_free: int, b_free: int) -> tuple[jax.Array, jax.Array]:
-    """float32 operands on one CPU device where both sides are reused often enough for the dot
-    to be compute-bound; a thin dot (e.g. decoding 8 rows against a weight) reads bf16 at half the
-    bytes. Measured on the same Xeon: the bench model's bf16 train step -8% wall / -10% CPU time
+    """float32 operands on one CPU device whose float32 GEMM is the faster, where both sides are
+    reused often enough for the dot to be compute-bound; a thin dot (e.g. decoding 8 rows
+    against a weight) reads bf16 at half the bytes. Measured on the Xeon above: the bench model's bf16 train step -8% wall / -10% CPU time
     upcast (medians of 6 interleaved steps). A multi-device CPU program keeps bf16 operands: it
     stands in for an accelerator's (the collective and preset tests), and under FSDP XLA gathered
     the upcast kernel in f32 (1.20x the textbook's all-gather bytes)."""
-    if min(a_free, b_free) >= MIN_UPCAST_FREE and _upcast_here():
+    if min(a_free, b_free) >= MIN_UPCAST_FREE and (a.dtype, b.dtype) != (F32, F32) and _upcast_here():
         return a.astype(F32), b.astype(F32)
     return a, b
 
@@ -76,7 +134,7 @@ def _upcast_here() -> bool:
     if backend() != "cpu" or _ACCELERATOR_DOTS.value:
         return False
     mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or math.prod(mesh.shape.values()) == 1
+    return (mesh.empty or math.prod(mesh.shape.values()) == 1) and cpu_dot_kind() == "f32"
 
 
 def _free_size(x: jax.Array, *used: tuple[int, ...]) -> int:
