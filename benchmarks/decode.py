@@ -73,6 +73,20 @@ kernels run twice as fast at batch 1 as on the EPYC:
 
 (greedy tokens all equal); cache fill (`--batch "" --fill-batch 1,8,32 --repeats 5`): jax 1.22 /
 1.29 / 2.56 at batch 1 / 8 / 32, hf 1.07 / 1.23 / 2.13.
+
+On 2026-12-04, on a 2-core AMD EPYC (load average 1.5-1.9), same command (256 new tokens), the
+same versions but transformers 5.25.0:
+
+| batch | jax ms/step | hf ms/step | x hf |
+|---|---|---|---|
+| 1 | 8.0 | 17.9 | 2.23 |
+| 8 | 19.2 | 32.9 | 1.72 |
+| 32 | 40.6 | 62.0 | 1.52 |
+
+(greedy tokens all equal); cache fill at batch 8: jax 14.4 ms/step with a 32-slot cache, 19.5 with
+a 288-slot one (1.35, per round 1.23-1.62), hf 24.3 and 30.8 (1.27). The attention over the cache
+alone (6 layers, q [8, 8, 1, 64] against K, V [8, 8, S, 64], jitted einsums) takes 0.5 ms per
+step at S = 32 and 2.1 ms at S = 288; no copy of a cache buffer is left in the decode loop's HLO.
 """
 from __future__ import annotations
 
