@@ -18,7 +18,15 @@ Measured alone on a 2-core Xeon (2026-12-03, `python benchmarks/plan_check.py`, 
 | llama d256 x4, fsdp | +21% | -19% | -27% |
 | gpt2 d512 x2 remat full, tp | -0% | -1% | -12% |
 
-The same 1-device step measures 811-902 ms from one run to the next: about +-10% of each
+On a quiet 2-core AMD EPYC (2026-12-04, same command, 4:40 wall), every cell within 25%:
+
+| config | 1 device | 2 devices | 8 devices |
+|---|---:|---:|---:|
+| gpt2 d256 x4, dp | +13% | +2% | -11% |
+| llama d256 x4, fsdp | +3% | -3% | -24% |
+| gpt2 d512 x2 remat full, tp | +10% | -3% | -10% |
+
+On the Xeon, the same 1-device step measures 811-902 ms from one run to the next: about +-10% of each
 figure is this host's noise. 1 and 2 devices are what the model is for: each device has its
 own core, as each chip has its own compute. 8 fake devices on 2 cores time-share them, and
 the step then pays what no chip does and nothing here models: XLA:CPU sizes its thread pool
