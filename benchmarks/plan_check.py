@@ -18,7 +18,7 @@ Measured alone on a 2-core Xeon (2026-12-03, `python benchmarks/plan_check.py`, 
 | llama d256 x4, fsdp | +21% | -19% | -27% |
 | gpt2 d512 x2 remat full, tp | -0% | -1% | -12% |
 
-On a quiet 2-core AMD EPYC (2026-12-04, same command, 4:40 wall), every cell within 25%:
+On a quiet 2-core AMD EPYC (2026-12-04, same command, ~4.5 min wall), every cell within 25%:
 
 | config | 1 device | 2 devices | 8 devices |
 |---|---:|---:|---:|
