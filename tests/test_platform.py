@@ -113,7 +113,10 @@ def test_bf16_cpu_dots_keep_bf16_operands_and_the_same_numbers():
 def test_the_probe_picks_a_kind_once_and_auto_uses_it():
     kind = platform.faster_cpu_dot()
     assert kind in ("f32", "bf16")
-    assert platform.faster_cpu_dot() is kind  # timed once per process
+    before = platform.faster_cpu_dot.cache_info()
+    assert platform.faster_cpu_dot() == kind
+    after = platform.faster_cpu_dot.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)  # timed once per process
     a, b = _bf16((128, 256), 0), _bf16((256, 96), 1)
     with platform.cpu_dots("auto"):
         jaxpr = jax.make_jaxpr(platform.dot_general, static_argnums=2)(a, b, DIMS)

@@ -131,11 +131,11 @@ def _load(args, load_experiment):
 def _check_environment() -> None:
     """Settings read from the environment while tracing fail here, in one line, before compiling."""
     from transformer_jax.config import ConfigError
-    from transformer_jax.layers.platform import CPU_DOT_KINDS, CPU_DOTS_ENV
-    kind = os.environ.get(CPU_DOTS_ENV, "auto")
-    if kind not in CPU_DOT_KINDS:
-        raise ConfigError(f"{CPU_DOTS_ENV}={kind!r} is unknown; choose f32 (upcast bf16 dots on CPU), bf16 or "
-                          "auto (time both once), or unset it")
+    from transformer_jax.layers.platform import environment_cpu_dots
+    try:
+        environment_cpu_dots()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_init_from(init_from: str | None, workdir: Path) -> None:

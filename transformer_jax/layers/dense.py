@@ -30,9 +30,9 @@ def matmul(x: jax.Array, w: jax.Array, n_contract: int, dtype: Any) -> jax.Array
 
     Accumulates in float32 and returns `dtype` (`platform.dot_general`: one bf16 x bf16 -> f32
     dot on accelerators; on a CPU whose float32 GEMM is the faster, the operands of a large
-    enough dot upcast to f32). With weights stored wider than `dtype` (f32 master weights, bf16 compute) the
-    backward pass's two matmuls also take `dtype` operands with float32 accumulation
-    (`_mixed_matmul`).
+    enough dot upcast to f32). With weights stored wider than `dtype` (f32 master weights, bf16
+    compute) the backward pass's two matmuls also take `dtype` operands with float32
+    accumulation (`_mixed_matmul`).
     """
     if w.dtype != jnp.dtype(dtype):
         return _mixed_matmul(x, w, n_contract, jnp.dtype(dtype))

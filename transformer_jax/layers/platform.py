@@ -18,7 +18,7 @@ jax 0.10.2 on the bench model's shapes [4096,512]x[512,2048], [4096,2048]x[2048,
 - 2-core AMD EPYC, avx512-bf16: 239 / 282 / 243 against 143 / 135 / 151 (bf16 wins).
 
 So the first CPU dot traced in a process times one [512, 1024] x [1024, 1024] dot both ways
-(about 0.1 s) and keeps the faster, upcasting unless bf16 is clearly (1.15x) faster. The
+(about 0.2 s, compiles included) and keeps the faster, upcasting unless bf16 is clearly (1.15x) faster. The
 environment variable `TRANSFORMER_JAX_CPU_DOTS=f32|bf16|auto` (default auto) or the
 `cpu_dots(...)` context fixes the choice, e.g. for programs that must compile the same on
 every host.
@@ -75,9 +75,15 @@ def cpu_dots(kind: str):
 
 def cpu_dot_kind() -> str:
     """"f32" or "bf16": how a compute-bound low-precision dot runs on one CPU device here."""
-    kind = _CPU_DOTS.value or os.environ.get(CPU_DOTS_ENV, "auto")
-    _check_kind(kind, CPU_DOTS_ENV)
+    kind = _CPU_DOTS.value or environment_cpu_dots()
     return faster_cpu_dot() if kind == "auto" else kind
+
+
+def environment_cpu_dots() -> str:
+    """`TRANSFORMER_JAX_CPU_DOTS` (default "auto"); a ValueError naming it if it is unknown."""
+    kind = os.environ.get(CPU_DOTS_ENV, "auto")
+    _check_kind(kind, CPU_DOTS_ENV)
+    return kind
 
 
 def _check_kind(kind: str, name: str):
@@ -121,8 +127,8 @@ def backend() -> str:
 def _operands(a: jax.Array, b: jax.Array, a_free: int, b_free: int) -> tuple[jax.Array, jax.Array]:
     """float32 operands on one CPU device whose float32 GEMM is the faster, where both sides are
     reused often enough for the dot to be compute-bound; a thin dot (e.g. decoding 8 rows
-    against a weight) reads bf16 at half the bytes. Measured on the Xeon above: the bench model's bf16 train step -8% wall / -10% CPU time
-    upcast (medians of 6 interleaved steps). A multi-device CPU program keeps bf16 operands: it
+    against a weight) reads bf16 at half the bytes. Measured on the Xeon above: the bench
+    model's bf16 train step -8% wall / -10% CPU time upcast (medians of 6 interleaved steps). A multi-device CPU program keeps bf16 operands: it
     stands in for an accelerator's (the collective and preset tests), and under FSDP XLA gathered
     the upcast kernel in f32 (1.20x the textbook's all-gather bytes)."""
     if min(a_free, b_free) >= MIN_UPCAST_FREE and (a.dtype, b.dtype) != (F32, F32) and _upcast_here():
