@@ -28,7 +28,8 @@ def test_scales_with_tokens_and_counts_the_attention_square():
                                        ("span", "t5-tiny"), ("classify", "bert-tiny")])
 def test_formula_is_xla_count_minus_elementwise(task, name):
     """XLA counts every flop of the program (norms, softmax, activations too): the model
-    FLOPs are the matmuls, 93-100% of it at these sizes."""
+    FLOPs are the matmuls, 90-100% of it at these sizes (the activations recompute their
+    derivative in the backward pass: layers/activations.py)."""
     cfg = get_config(name, d_model=128, num_heads=4, d_ff=512, scan_layers=False, max_len=128, vocab_size=512)
     model = build_model(cfg)
     batch = synthetic_batch(task, 4, 64, cfg.vocab_size)
@@ -36,12 +37,12 @@ def test_formula_is_xla_count_minus_elementwise(task, name):
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kw))["params"]
     grad = jax.grad(lambda p, b: cross_entropy_sums(*forward(model, p, b, task))["loss"])
     xla = jax.jit(grad).lower(params, batch).compile().cost_analysis()["flops"]
-    assert 0.93 * xla <= train_flops(cfg, task, batch) <= xla
+    assert 0.90 * xla <= train_flops(cfg, task, batch) <= xla
 
 
 def test_mlm_head_is_counted_where_it_runs():
     """The step's MLM head runs at ceil(mlm_predict_fraction * L) gathered positions per row; the
-    model FLOPs count those, still 93-100% of XLA's count of the real loss."""
+    model FLOPs count those, still 90-100% of XLA's count of the real loss."""
     cfg = get_config("bert-tiny", d_model=128, num_heads=4, d_ff=512, scan_layers=False, max_len=128, vocab_size=512)
     model, task = build_model(cfg), TaskConfig(task="mlm")
     batch = synthetic_batch("mlm", 4, 64, cfg.vocab_size)
@@ -51,7 +52,7 @@ def test_mlm_head_is_counted_where_it_runs():
     params = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kw))["params"]
     grad = jax.grad(lambda p, b: batch_loss_sums(model, p, b, task)["loss"])
     xla = jax.jit(grad).lower(params, batch).compile().cost_analysis()["flops"]
-    assert 0.93 * xla <= train_flops(cfg, "mlm", batch, head_positions=k) <= xla
+    assert 0.90 * xla <= train_flops(cfg, "mlm", batch, head_positions=k) <= xla
     saved = train_flops(cfg, "mlm", batch) - train_flops(cfg, "mlm", batch, head_positions=k)
     assert saved == 6 * 4 * (64 - k) * (128 * 128 + 128 * 512)  # transform + unembedding at the other positions
 

@@ -7,14 +7,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.layers import activations
 from transformer_jax.layers.dense import Dense, LoRA
 
+# jax.nn's values; each backward keeps only the activation's input (layers/activations.py)
 ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "swiglu": jax.nn.silu,
-    "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": activations.relu,
+    "gelu": activations.gelu,
+    "gelu_tanh": activations.gelu_tanh,
+    "swiglu": activations.silu,
+    "geglu": activations.gelu_tanh,
 }
 GATED = ("swiglu", "geglu")
 
