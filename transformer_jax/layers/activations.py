@@ -7,7 +7,9 @@ forward pass, read in the backward, and under `nn.scan` stacked over the layers.
 activation here is a custom VJP that saves x alone and recomputes its derivative in
 float32 in the backward pass (a few elementwise operations), so an MLP keeps x and the
 activation's output (the next matmul's input) instead of up to seven such tensors.
-The forward values are `jax.nn`'s own.
+The forward values are `jax.nn`'s own. Reverse mode only, as for any custom VJP: for
+forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) through an MLP, put `jax.nn`'s functions
+in `layers.mlp.ACTIVATIONS`.
 """
 from __future__ import annotations
 
