@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.layers import platform
 from transformer_jax.config import Config, ConfigError
 
 Task = Literal["lm", "mlm", "span", "seq2seq", "classify"]
@@ -136,7 +135,7 @@ def batch_loss_sums(model: Any, params: Any, batch: dict[str, jax.Array], cfg: T
                                         rngs=rngs)
         targets, weights = labels(batch, cfg.task)
         return fused_cross_entropy_sums(h, w, targets, weights, cfg.loss_chunk, cfg.z_loss, cfg.label_smoothing,
-                                        head_dtype(model.config.dtype))
+                                        jnp.dtype(model.config.dtype))
     k = mlm_predictions(cfg, batch["inputs"].shape[1]) if cfg.task == "mlm" else 0
     if k:
         return _masked_lm_sums(model, params, batch, cfg, k, deterministic=deterministic, rngs=rngs)
@@ -170,13 +169,6 @@ def _masked_lm_sums(model, params, batch, cfg: TaskConfig, k: int, **kw) -> dict
     pick = lambda x: jnp.take_along_axis(x, idx_BK, axis=1)  # noqa: E731
     return cross_entropy_sums(logits, pick(batch["targets"]), pick(w_BL), z_loss=cfg.z_loss,
                               label_smoothing=cfg.label_smoothing)
-
-
-def head_dtype(compute_dtype: str) -> jnp.dtype:
-    """The fused output layer's matmul dtype. On CPU always float32: without bf16 hardware
-    XLA:CPU runs bf16 x bf16 -> f32 dots ~30% slower than f32 ones (benchmarks/train_step.py:
-    95 vs 143 GFLOP/s on the 2-core EPYC here), and the f32 master weight needs no cast."""
-    return jnp.dtype(jnp.float32) if platform.backend() == "cpu" else jnp.dtype(compute_dtype)
 
 
 def init_inputs(task: str, batch: int, length: int) -> dict[str, jax.Array]:
