@@ -47,7 +47,7 @@ def test_values_are_jax_nn_and_gradients_match_autodiff(name):
 def test_backward_keeps_only_the_input(name):
     x = jnp.ones((4, 8), jnp.bfloat16)
     ours = saved(lambda x: jnp.sum(getattr(activations, name)(x)), x)
-    assert ours == [((4, 8), jnp.bfloat16)], ours
+    assert ours == [((4, 8), jnp.uint16), ((0,), jnp.bfloat16)], ours  # x's bits (layers/residuals.py)
     autodiff = saved(lambda x: jnp.sum(REFERENCE[name](x)), x)
     assert len([r for r in autodiff if r[0] == (4, 8)]) >= 2, autodiff  # what the custom VJP saves us
 

@@ -71,11 +71,11 @@ def test_gradients_match_autodiff(center, with_bias):
 @pytest.mark.parametrize("center", [True, False])
 def test_backward_keeps_the_input_and_row_statistics(center):
     """Autodiff of the float32 norm keeps three float32 tensors the size of x; ours keeps x in
-    its own dtype plus one or two [..., 1] statistics (and the parameters)."""
+    its own width plus one or two [..., 1] statistics (and the parameters)."""
     x, scale = jnp.ones((4, 6, 16), jnp.bfloat16), jnp.ones((16,))
     kept = lambda f: [(a.shape, a.dtype) for a in jax.tree.leaves(jax.vjp(f, x)[1])]  # noqa: E731
     ours = kept(lambda x: normalize(x, scale, None, 1e-6, center, jnp.bfloat16))
-    assert [r for r in ours if r[0] == x.shape] == [(x.shape, jnp.bfloat16)], ours
+    assert [r for r in ours if r[0] == x.shape] == [(x.shape, jnp.uint16)], ours  # x's bits: layers/residuals.py
     assert len([r for r in ours if r[0] == (4, 6, 1)]) == (2 if center else 1), ours
     autodiff = kept(lambda x: _reference(x, scale, None, center).astype(jnp.bfloat16))
     assert len([r for r in autodiff if r[0] == x.shape and r[1] == jnp.float32]) >= 2, autodiff

@@ -19,6 +19,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.layers.residuals import stash, unstash
+
 F32 = jnp.float32
 _C = math.sqrt(2.0 / math.pi)  # tanh approximation of GELU (Hendrycks & Gimpel 2016)
 _A = 0.044715
@@ -31,9 +33,10 @@ def _saving_input(forward: Callable, derivative: Callable) -> Callable:
         return forward(x)
 
     def fwd(x):
-        return forward(x), x
+        return forward(x), stash(x)
 
-    def bwd(x, g):
+    def bwd(kept, g):
+        x = unstash(kept)
         return ((g.astype(F32) * derivative(x.astype(F32))).astype(x.dtype),)
 
     act.defvjp(fwd, bwd)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.layers import platform
+from transformer_jax.layers.residuals import stash, unstash
 
 Init = Callable[..., jax.Array]
 LORA_PARAMS = ("lora_a", "lora_b")  # the adapter leaves' names
@@ -54,13 +55,14 @@ def _mixed_fwd(x, w, n_contract, dtype):
     y = platform.dot_general(xc, wc, _contract_last(xc.ndim, n_contract))
     # the cast kernel is the residual: under FSDP its one gather serves the forward pass, the
     # recomputation of a rematerialised layer and the input gradient alike
-    return y.astype(dtype), (xc, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+    return y.astype(dtype), (stash(xc), wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
 def _mixed_bwd(n_contract, dtype, res, g):
     """dx = g . w^T and dw = x^T . g from the `dtype` cotangent, accumulated in float32 (autodiff
     of the forward would run both in float32: its output cotangent is float32)."""
     xc, wc, x_dtype, w_dtype = res
+    xc = unstash(xc)  # layers/residuals.py (the kernel stays as it is: FSDP gathers it once for both uses)
     g = g.astype(dtype)
     n_out, n_batch = wc.ndim - n_contract, xc.ndim - n_contract
     dx = platform.dot_general(g, wc, ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_contract, wc.ndim))),

@@ -29,6 +29,7 @@ import numpy as np
 from jax import lax
 
 from transformer_jax.layers import platform
+from transformer_jax.layers.residuals import stash, unstash
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 KERNELS = IMPLEMENTATIONS + ("splash",)  # every name `implementation` accepts (splash: TPU only)
@@ -367,7 +368,7 @@ def _attend(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5):
 
 def _attend_fwd(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5):
     out, lse = _forward(cfg, q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5)
-    return out, (q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5, out, lse)
+    return out, (q_offset, stash(q_blk), stash(k_blk), stash(v_blk), q_seg, kv_seg, mask5, bias5, stash(out), lse)
 
 
 def _attend_bwd(cfg, res, d_out):
@@ -376,6 +377,7 @@ def _attend_bwd(cfg, res, d_out):
     whose inner loop over the q blocks that see it adds into a carried dQ (and d bias). On a
     sequential machine this does each tile's exp and QK^T once instead of twice (two passes)."""
     q_offset, q_blk, k_blk, v_blk, q_seg, kv_seg, mask5, bias5, out, lse = res
+    q_blk, k_blk, v_blk, out = unstash(q_blk), unstash(k_blk), unstash(v_blk), unstash(out)
     nq, nk = q_blk.shape[0], k_blk.shape[0]
     dd = (d_out.astype(F32) * out.astype(F32)).sum(-1)  # D [nq, B, K, G, bq]
     empty = jnp.isinf(lse)  # rows that saw no key output mean(v): their dO spreads uniformly over v

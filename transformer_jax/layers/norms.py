@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.layers.residuals import stash, unstash
+
 F32 = jnp.float32
 
 
@@ -38,11 +40,12 @@ def _forward(x, scale, bias, eps, center, dtype):
     y = xhat * scale.astype(F32)
     if bias is not None:
         y = y + bias.astype(F32)
-    return y.astype(dtype), (x, mean, rstd, scale, bias)
+    return y.astype(dtype), (stash(x), mean, rstd, scale, bias)
 
 
 def _backward(eps, center, dtype, saved, g):
     x, mean, rstd, scale, bias = saved
+    x = unstash(x)
     xhat = ((x.astype(F32) - mean) if center else x.astype(F32)) * rstd
     g = g.astype(F32)
     rows = tuple(range(g.ndim - 1))
