@@ -52,3 +52,14 @@ def jit_apply(model):
     if key not in _JITTED:
         _JITTED[key] = jax.jit(model.apply, static_argnames=("head", "method", "decode", "mutable", "deterministic"))
     return _JITTED[key]
+
+
+def compiled_lm_step(cfg, batch: int, length: int):
+    """The compiled train step of `cfg` on a causal-LM batch, on one device (AdamW, fsdp_tp rules)."""
+    from transformer_jax.parallel import MeshConfig, get_rules, make_mesh
+    from transformer_jax.train import OptimizerConfig, TaskConfig, make_train_setup, synthetic_batch
+    data = synthetic_batch("lm", batch, length, cfg.vocab_size, fill=1.0)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    setup = make_train_setup(cfg, OptimizerConfig(learning_rate=1e-3, warmup_steps=0), TaskConfig(task="lm"),
+                             mesh, get_rules("fsdp_tp"), total_steps=10)
+    return setup.compiled_train_step(data)

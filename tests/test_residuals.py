@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model_testing import compiled_lm_step
 from transformer_jax.layers import residuals
 from transformer_jax.layers.residuals import stash, unstash
 from transformer_jax.models import get_config
-from transformer_jax.parallel import MeshConfig, get_rules, make_mesh
-from transformer_jax.train import OptimizerConfig, TaskConfig, make_train_setup, synthetic_batch
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32])
@@ -41,13 +40,7 @@ def test_bf16_layer_stack_updates_its_residual_stacks_in_place(monkeypatch):
     """The activations' stacks (4 x 128 x 32 per layer and up) are updated in place; only the
     layers' cast kernels (32 x 96 and smaller, kept as bf16 so FSDP gathers each once) are not."""
     cfg = get_config("bench", num_layers=2, dtype="bfloat16", d_model=32, num_heads=2, d_ff=64, vocab_size=256)
-    data = synthetic_batch("lm", 4, 128, cfg.vocab_size, fill=1.0)
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-
-    def hlo():
-        setup = make_train_setup(cfg, OptimizerConfig(learning_rate=1e-3, warmup_steps=0), TaskConfig(task="lm"),
-                                 mesh, get_rules("fsdp_tp"), total_steps=10)
-        return setup.compiled_train_step(data).as_text()
+    hlo = lambda: compiled_lm_step(cfg, 4, 128).as_text()  # noqa: E731
     ours = _rewritten_stack_bytes(hlo())
     monkeypatch.setattr(residuals, "_BITS", {})  # residuals kept as bf16: the pattern this avoids
     as_bf16 = _rewritten_stack_bytes(hlo())
