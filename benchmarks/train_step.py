@@ -236,7 +236,8 @@ def _scope(op_name: str) -> str:
     if "jvp()/while" in op_name or any(k in op_name for k in ("bcv", "bcd", "_run.<locals>")):  # the fused loss scan
         return "output layer + loss"
     if "self_attention/" in op_name:
-        proj = any(f"self_attention/{p}/" in op_name for p in ("query", "key", "value", "out"))
+        proj = any(f"self_attention/{p}/" in op_name for p in ("query", "key", "value", "out")) or op_name.endswith(
+            "self_attention/dot_general")  # q, k, v projected by one matmul over their joined kernels
         return "attention projections" if proj else "attention scores/softmax"
     for key, name in (("/mlp/", "mlp"), ("norm", "norms"), ("mbedder", "embeddings"), ("layers", "layer stack")):
         if key in op_name:
@@ -278,7 +279,10 @@ def profile():
         for ev, t in spans.items():
             if ev in op or ev in calls:
                 kind = "dots" if has_dot.get(calls.get(ev, ""), False) or ev.startswith("dot") else "other ops"
-                parts[(_scope(op.get(ev, "")), kind)] += t
+                part = _scope(op.get(ev, ""))
+                if part == "optimizer + rest" and f",{V}]" in bodies.get(calls.get(ev, ""), ""):
+                    part = "output layer + loss"  # the fused loss's dots carry no op_name; they read [.., V]
+                parts[(part, kind)] += t
         total = sum(parts.values())
         print("| part | kind | op s/step (summed over threads) | share |\n|---|---|---|---|")
         for (part, kind), t in parts.most_common():
