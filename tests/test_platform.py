@@ -142,3 +142,20 @@ def test_the_environment_fixes_the_choice_and_a_bad_value_is_one_clear_error():
     with pytest.raises(ValueError, match="cpu_dots='fast' is unknown; choose f32"):
         with platform.cpu_dots("fast"):
             pass
+
+
+@pytest.mark.parametrize("x_cols, g_cols", [(256, 64), (64, 256)])
+def test_weight_gradient_equals_the_plain_dot(x_cols, g_cols):
+    """x^T . g over the batch axes; on one CPU device with g the narrower, as (g^T . x)^T (the
+    smaller bf16 operand is the one XLA:CPU copies transposed)."""
+    x, g = _bf16((4, 32, x_cols), 0), _bf16((4, 32, g_cols), 1)
+    plain = lambda x, g: platform.dot_general(x, g, (((0, 1), (0, 1)), ((), ())))  # noqa: E731
+    with platform.cpu_dots("bf16"):
+        ours = jax.jit(platform.weight_gradient, static_argnums=2)(x, g, 2)
+        jaxpr = str(jax.make_jaxpr(platform.weight_gradient, static_argnums=2)(x, g, 2))
+        with platform.accelerator_dots():
+            accel = str(jax.make_jaxpr(platform.weight_gradient, static_argnums=2)(x, g, 2))
+    assert ours.shape == (x_cols, g_cols) and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, jax.jit(plain)(x, g), rtol=1e-6, atol=1e-6)
+    assert ("optimization_barrier" in jaxpr) == (g_cols < x_cols), jaxpr
+    assert "optimization_barrier" not in accel  # accelerators' dots take either layout as it is

@@ -67,7 +67,7 @@ def _mixed_bwd(n_contract, dtype, res, g):
     n_out, n_batch = wc.ndim - n_contract, xc.ndim - n_contract
     dx = platform.dot_general(g, wc, ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_contract, wc.ndim))),
                                       ((), ())))
-    dw = platform.dot_general(xc, g, ((tuple(range(n_batch)), tuple(range(n_batch))), ((), ())))
+    dw = platform.weight_gradient(xc, g, n_batch)
     return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
 
 
