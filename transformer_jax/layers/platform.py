@@ -137,9 +137,15 @@ def _operands(a: jax.Array, b: jax.Array, a_free: int, b_free: int) -> tuple[jax
 
 
 def _upcast_here() -> bool:
+    return _one_cpu_device() and cpu_dot_kind() == "f32"
+
+
+def _one_cpu_device() -> bool:
+    """Whether this program runs on one CPU device (not standing for an accelerator's)."""
     if backend() != "cpu" or _ACCELERATOR_DOTS.value:
         return False
-    return _one_device() and cpu_dot_kind() == "f32"
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or math.prod(mesh.shape.values()) == 1
 
 
 def _free_size(x: jax.Array, *used: tuple[int, ...]) -> int:
@@ -160,20 +166,14 @@ def weight_gradient(x: jax.Array, g: jax.Array, n_batch: int) -> jax.Array:
     copies 2-byte elements ~7x slower per byte than 4-byte ones. On one CPU device, when g has
     fewer columns than x (the MLP's output projection: 512 against 2048), this computes
     (g^T . x)^T instead: the smaller bf16 operand is the one copied, and the f32 result is
-    transposed after a barrier (folded into the dot's layout, the dot left the fast path).
-    wo's gradient on the bench model: 54 -> 27 ms."""
+    transposed after a barrier (without it XLA folds the transpose into the dot's layout, and
+    the dot leaves the fast path). wo's gradient on the bench model: 54 -> 27 ms."""
     dims = ((tuple(range(n_batch)), tuple(range(n_batch))), ((), ()))
-    if (x.dtype.itemsize == 2 and _free_size(g, dims[0][1]) < _free_size(x, dims[0][0]) and backend() == "cpu"
-            and not _ACCELERATOR_DOTS.value and _one_device()):
+    if x.dtype.itemsize == 2 and _free_size(g, dims[0][1]) < _free_size(x, dims[0][0]) and _one_cpu_device():
         gx = lax.optimization_barrier(dot_general(g, x, dims))  # [g's columns..., x's columns...]
         ng = g.ndim - n_batch
         return jnp.transpose(gx, tuple(range(ng, gx.ndim)) + tuple(range(ng)))
     return dot_general(x, g, dims)
-
-
-def _one_device() -> bool:
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or math.prod(mesh.shape.values()) == 1
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
