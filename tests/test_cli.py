@@ -358,3 +358,17 @@ def test_a_first_run_shows_its_phases_without_library_noise(tmp_path, corpus):
     ev = _subprocess(["eval", "--workdir", str(tmp_path / "run")], tmp_path / "data")
     assert ev.returncode == 0 and "step 4: validation loss" in ev.stdout
     assert "compiling the eval step" in ev.stderr
+
+
+def test_a_step_too_big_for_memory_is_one_line_before_it_runs(tmp_path, capsys):
+    # xla attention's [B, H, L, L] scores at L = 2^18 need ~15 TB: XLA compiles the step (seconds),
+    # the check against free memory stops it before the runtime's allocation fails with a traceback
+    wd = tmp_path / "run"
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(wd), "--set", "train.seq_len=262144",
+                     "--set", "model.max_len=262144", "--set", "model.attention=xla", "--set",
+                     "train.global_batch_size=8", "--set", "train.steps=1", "--set", "train.sample_tokens=0"]) == 2
+    err = capsys.readouterr().err  # the progress bar ("compiling the train step"), then the error line
+    assert "Traceback" not in err and err.count("transformer-jax: error: ") == 1, err
+    err = err.strip().splitlines()[-1]
+    assert err.startswith("transformer-jax: error: the train step needs") and "train.seq_len" in err and "model.remat=full" in err
+    assert not list((wd / "checkpoints").glob("[0-9]*"))  # no step ran, nothing saved

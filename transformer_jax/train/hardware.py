@@ -164,6 +164,18 @@ def available_host_bytes() -> float:
     return host_memory_bytes()
 
 
+def free_device_bytes() -> tuple[float, str]:
+    """(bytes one local device can still allocate, where that figure comes from): the runtime's
+    bytes_limit - bytes_in_use on a GPU or TPU; on CPU the host's available memory, which its
+    local devices share."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"free on the {device.device_kind}"
+    n = jax.local_device_count()
+    return available_host_bytes() / n, "available on this host" + (f" per device ({n} devices)" if n > 1 else "")
+
+
 # A guess, used only by plan.predict() on figures without timed parts: `plan --chip cpu`
 # times the step's own matmuls, memory-bound ops and collectives instead (plan_cpu.py).
 CPU_MATMUL_EFFICIENCY = 0.7

@@ -27,7 +27,7 @@ from transformer_jax.convert import runs as hf_runs
 from transformer_jax.experiment import ExperimentConfig
 from transformer_jax.metrics import MetricsWriter, StepProfiler, plot_losses, read_metrics
 from transformer_jax.parallel import check_batch, describe_mesh, get_rules, make_mesh, maybe_initialize_distributed
-from transformer_jax.train.hardware import peak_flops_per_device
+from transformer_jax.train.hardware import free_device_bytes, peak_flops_per_device
 from transformer_jax.train.step import TrainSetup, make_train_setup
 from transformer_jax.train.stop import StopControl, exit_if_peer_lost
 
@@ -92,7 +92,7 @@ class Run:
             batch = data.make_global_batch(local, self.setup.batch_sharding)
             if i == 0:
                 status("compiling the eval step")
-                self.setup.compiled_eval_step(batch)
+                check_fits(self.setup.compiled_eval_step(batch), "eval step", closing=[it])
             sums = self.setup.eval_step(state, batch)
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
             status(f"evaluating: batch {i + 1}" + (f"/{max_batches}" if max_batches else ""))
@@ -126,6 +126,24 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
         except Exception as e:  # another process died: one line and exit 1, not a hang
             exit_if_peer_lost(e, f"restart the job to resume from {Path(workdir) / 'checkpoints'}")
             raise
+
+
+def check_fits(compiled, what: str, closing=()) -> None:
+    """A ConfigError naming the settings that size the step, before it runs, when XLA's memory
+    analysis of `compiled` needs more than a device has free (beyond the state it already holds:
+    temporaries plus outputs that do not reuse a donated input). `closing` are closed first."""
+    mem = compiled.memory_analysis()
+    if mem is None:  # a backend without the analysis: the runtime's own error will have to do
+        return
+    need = mem.temp_size_in_bytes + max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
+    free, source = free_device_bytes()
+    if need <= free:
+        return
+    for c in closing:
+        c.close()
+    raise ConfigError(f"the {what} needs {need / 2**30:,.1f} GiB per device beyond the model state (XLA's memory "
+                      f"analysis), more than the {free / 2**30:,.1f} GiB {source}; lower train.global_batch_size "
+                      "or train.seq_len, set model.remat=full, or shard over more devices (mesh)")
 
 
 def _train(cfg: ExperimentConfig, workdir: str | Path, guard: PreemptionGuard) -> dict:
@@ -192,7 +210,7 @@ def _train(cfg: ExperimentConfig, workdir: str | Path, guard: PreemptionGuard) -
         if flops is None:
             flops, inputs_per_step = setup.flops_per_step(batch), _input_tokens(batch)
             writer.phase("compiling the train step")
-            setup.compiled_train_step(batch)
+            check_fits(setup.compiled_train_step(batch), "train step", closing=[writer, train_it, ckpt])
             writer.phase(None)
             t_log = time.time()  # compile time is not throughput
         profiler.before(step + 1)
