@@ -87,6 +87,22 @@ same versions but transformers 5.25.0:
 a 288-slot one (1.35, per round 1.23-1.62), hf 24.3 and 30.8 (1.27). The attention over the cache
 alone (6 layers, q [8, 8, 1, 64] against K, V [8, 8, S, 64], jitted einsums) takes 0.5 ms per
 step at S = 32 and 2.1 ms at S = 288; no copy of a cache buffer is left in the decode loop's HLO.
+
+On 2026-12-05, on a 2-core AMD EPYC (load average 1.5), same versions, same command, after the tied
+output layer's few-row dot was transposed on CPU (`platform.thin_table_logits`; before it, the same
+day: x hf 2.10 / 1.70 / 1.37):
+
+| batch | jax ms/step | hf ms/step | x hf |
+|---|---|---|---|
+| 1 | 7.3 | 15.4 | 2.12 |
+| 8 | 14.1 | 27.9 | 1.98 |
+| 32 | 34.2 | 53.2 | 1.55 |
+
+(greedy tokens all equal); cache fill at batch 8: jax 10.6 ms/step with a 32-slot cache, 11.2 with a
+288-slot one (1.05, per round 0.96-1.23), hf 22.7 and 29.1 (1.28). A second run (`--batch ""
+--fill-batch 1,8,32 --repeats 7`) gave jax 11.3 and 13.9 (1.23, per round 0.96-1.81): per-round
+ratios spread this wide on this machine, while the cost that remains, reading the longer cache
+(57 MB against 6.3 at batch 8, f32), is fixed by memory bandwidth.
 """
 from __future__ import annotations
 

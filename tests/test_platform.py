@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +160,28 @@ def test_weight_gradient_equals_the_plain_dot(x_cols, g_cols):
     np.testing.assert_allclose(ours, jax.jit(plain)(x, g), rtol=1e-6, atol=1e-6)
     assert ("optimization_barrier" in jaxpr) == (g_cols < x_cols), jaxpr
     assert "optimization_barrier" not in accel  # accelerators' dots take either layout as it is
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33])
+def test_a_tied_output_layer_with_few_rows_runs_transposed_on_cpu_with_the_same_logits(rows):
+    """`Embed.attend` with 2-32 float32 rows (decoding) on one CPU device: (E . x^T)^T behind a
+    barrier; the same logits and gradients as the plain dot, which every other case keeps."""
+    from transformer_jax.layers.embeddings import Embed
+    embed = Embed(512, 64, dtype=jnp.float32)
+    params = embed.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    x = jax.random.normal(jax.random.key(1), (rows, 1, 64))
+    attend = lambda p, x: embed.apply(p, x, method=Embed.attend)  # noqa: E731
+    table = nn.meta.unbox(params)["params"]["embedding"]
+    thin = 2 <= rows <= 32
+    assert ("optimization_barrier" in str(jax.make_jaxpr(attend)(params, x))) == thin
+    np.testing.assert_allclose(jax.jit(attend)(params, x), x @ table.T, rtol=1e-5, atol=1e-5)
+    loss = lambda x: jnp.sum(jnp.sin(attend(params, x)))  # noqa: E731
+    np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(lambda x: jnp.sum(jnp.sin(x @ table.T)))(x),
+                               rtol=1e-4, atol=1e-5)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):  # a multi-device program (an accelerator's stand-in) keeps the plain dot
+        assert "optimization_barrier" not in str(jax.make_jaxpr(attend)(params, x))
+    xb = x.astype(jnp.bfloat16)  # bf16's few-row GEMM is fast as it is
+    bf16_embed = Embed(512, 64, dtype=jnp.bfloat16)
+    assert "optimization_barrier" not in str(jax.make_jaxpr(
+        lambda p, x: bf16_embed.apply(p, x, method=Embed.attend))(params, xb))

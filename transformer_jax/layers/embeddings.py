@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.layers import platform
 from transformer_jax.layers.dense import matmul
 
 
@@ -39,6 +40,10 @@ class Embed(nn.Module):
         return jnp.take(table, tokens_BL, axis=0).astype(self.dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
+        if jnp.dtype(self.dtype) == x_BLD.dtype:
+            thin = platform.thin_table_logits(x_BLD, self.embedding)  # decoding on CPU
+            if thin is not None:
+                return thin
         return matmul(x_BLD, self.embedding.T, 1, self.dtype)
 
 

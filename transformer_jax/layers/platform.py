@@ -39,6 +39,7 @@ from jax import lax
 F32 = jnp.float32
 PLATFORMS = ("cuda", "rocm", "tpu", "cpu")
 MIN_UPCAST_FREE = 64  # rows and columns a dot needs before CPU upcasts its operands
+THIN_ROWS = (2, 32)  # rows of x for which `thin_table_logits` transposes the dot on CPU
 _TARGET = jax.make_user_context(None)  # part of jit's cache key: a new platform re-traces
 _ACCELERATOR_DOTS = jax.make_user_context(False)
 CPU_DOTS_ENV = "TRANSFORMER_JAX_CPU_DOTS"
@@ -174,6 +175,22 @@ def weight_gradient(x: jax.Array, g: jax.Array, n_batch: int) -> jax.Array:
         ng = g.ndim - n_batch
         return jnp.transpose(gx, tuple(range(ng, gx.ndim)) + tuple(range(ng)))
     return dot_general(x, g, dims)
+
+
+def thin_table_logits(x: jax.Array, table: jax.Array) -> jax.Array | None:
+    """x . table^T for a float32 [..., D] x and a [V, D] table (a tied output layer), computed as
+    (table . x^T)^T on one CPU device when x has 2-32 rows (decoding: a row per sequence); None
+    otherwise (the caller's plain dot).
+
+    XLA:CPU's GEMM (jax 0.10.2) streams a wide table faster against a few columns than against a
+    few rows: the bench model's [32768, 512] table takes 5.0 -> 3.4 ms with 8 rows and 9.9 -> 6.8 ms
+    with 32 (2-core EPYC); nothing is gained with 1 row, in bf16 or from 64 rows on. The barrier
+    keeps XLA from folding the transpose back into the dot's layout."""
+    rows = math.prod(x.shape[:-1])
+    if not (THIN_ROWS[0] <= rows <= THIN_ROWS[1] and x.dtype == table.dtype == F32 and _one_cpu_device()):
+        return None
+    y_VM = lax.optimization_barrier(lax.dot_general(table, x.reshape(rows, -1), (((1,), (1,)), ((), ()))))
+    return y_VM.T.reshape(*x.shape[:-1], table.shape[0])
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
