@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        # a device ran out of memory where the compile-time check (train/loop.py check_fits) could not tell
+        # a device ran out of memory where the compile-time check (train/fits.py) could not tell
         first = str(e).strip().splitlines()[0][:200]
         print(f"transformer-jax: error: out of memory ({first}); lower train.global_batch_size or train.seq_len, set "
               "model.remat=full, or shard over more devices (mesh); a run resumes from its newest checkpoint",

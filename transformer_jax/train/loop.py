@@ -27,7 +27,8 @@ from transformer_jax.convert import runs as hf_runs
 from transformer_jax.experiment import ExperimentConfig
 from transformer_jax.metrics import MetricsWriter, StepProfiler, plot_losses, read_metrics
 from transformer_jax.parallel import check_batch, describe_mesh, get_rules, make_mesh, maybe_initialize_distributed
-from transformer_jax.train.hardware import free_device_bytes, peak_flops_per_device
+from transformer_jax.train.fits import check_fits
+from transformer_jax.train.hardware import peak_flops_per_device
 from transformer_jax.train.step import TrainSetup, make_train_setup
 from transformer_jax.train.stop import StopControl, exit_if_peer_lost
 
@@ -126,24 +127,6 @@ def train(cfg: ExperimentConfig, workdir: str | Path) -> dict:
         except Exception as e:  # another process died: one line and exit 1, not a hang
             exit_if_peer_lost(e, f"restart the job to resume from {Path(workdir) / 'checkpoints'}")
             raise
-
-
-def check_fits(compiled, what: str, closing=()) -> None:
-    """A ConfigError naming the settings that size the step, before it runs, when XLA's memory
-    analysis of `compiled` needs more than a device has free (beyond the state it already holds:
-    temporaries plus outputs that do not reuse a donated input). `closing` are closed first."""
-    mem = compiled.memory_analysis()
-    if mem is None:  # a backend without the analysis: the runtime's own error will have to do
-        return
-    need = mem.temp_size_in_bytes + max(mem.output_size_in_bytes - mem.alias_size_in_bytes, 0)
-    free, source = free_device_bytes()
-    if need <= free:
-        return
-    for c in closing:
-        c.close()
-    raise ConfigError(f"the {what} needs {need / 2**30:,.1f} GiB per device beyond the model state (XLA's memory "
-                      f"analysis), more than the {free / 2**30:,.1f} GiB {source}; lower train.global_batch_size "
-                      "or train.seq_len, set model.remat=full, or shard over more devices (mesh)")
 
 
 def _train(cfg: ExperimentConfig, workdir: str | Path, guard: PreemptionGuard) -> dict:
