@@ -169,10 +169,7 @@ def fused_projections(x_BLD: jax.Array, denses: tuple[Dense, ...], repeats: int,
         per = k.shape[1] // groups
         out = y[..., start:start + per, :].reshape(*y.shape[:-3], k.shape[1], k.shape[-1])
         start += per
-        extra = d.extras(x_BLD, w)
-        if extra is not None:
-            out = out + (extra if d.name == "query" else jnp.repeat(extra, repeats, axis=-2))
-        outs.append(out)
+        outs.append(d.add_extras(out, x_BLD, w, 1 if d.name == "query" else repeats))
     return outs
 
 

@@ -119,9 +119,7 @@ class Dense(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.weights(x.shape[x.ndim - self.in_dims:])
-        y = matmul(x, w["kernel"], self.in_dims, self.dtype)
-        extra = self.extras(x, w)
-        return y if extra is None else y + extra
+        return self.add_extras(matmul(x, w["kernel"], self.in_dims, self.dtype), x, w)
 
     @nn.compact
     def weights(self, in_shape: tuple[int, ...]) -> dict[str, jax.Array]:
@@ -148,15 +146,35 @@ class Dense(nn.Module):
                                    self.param_dtype)
         return w
 
-    def extras(self, x: jax.Array, w: dict[str, jax.Array]) -> jax.Array | None:
-        """What `__call__` adds to x . kernel: the adapter term (alpha / r) * (x . A) . B, then the
-        bias; None without either. Projections that share an input and fuse their matmuls
-        (attention's query/key/value) add it to their slice of the fused output."""
-        extra = None
+    def add_extras(self, y: jax.Array, x: jax.Array, w: dict[str, jax.Array], repeats: int = 1) -> jax.Array:
+        """y (= x . kernel) plus the adapter term (alpha / r) * (x . A) . B, then the bias, when
+        configured. Projections that share an input and fuse their matmuls (attention's
+        query/key/value) pass their slice of the fused output; `repeats`: key/value heads
+        repeated to match it (axis -2)."""
+        rep = (lambda t: t) if repeats == 1 else functools.partial(jnp.repeat, repeats=repeats, axis=-2)
         if "lora_a" in w:
             h = matmul(x, w["lora_a"], self.in_dims, self.dtype)  # [..., r]
-            extra = matmul(h, w["lora_b"], 1, self.dtype) * jnp.asarray(self.lora.scale, self.dtype)
+            y = y + rep(matmul(h, w["lora_b"], 1, self.dtype) * jnp.asarray(self.lora.scale, self.dtype))
         if "bias" in w:
-            b = w["bias"].astype(self.dtype)
-            extra = b if extra is None else extra + b
-        return extra
+            y = add_bias(y, rep(w["bias"]))
+        return y
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+    """y + b, b broadcast over y's leading axes and cast to y's dtype. The bias gradient sums the
+    cotangent in float32: autodiff would sum a bfloat16 cotangent in bfloat16, which XLA:CPU
+    runs as a slow upcast tree reduction (reduce-window)."""
+    return y + b.astype(y.dtype)
+
+
+def _add_bias_fwd(y, b):
+    return add_bias(y, b), jnp.zeros((0,) * b.ndim, b.dtype)  # b's rank and dtype
+
+
+def _add_bias_bwd(b_like, g):
+    lead = tuple(range(g.ndim - b_like.ndim))
+    return g, jnp.sum(g, lead, dtype=jnp.float32).astype(b_like.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
