@@ -143,3 +143,31 @@ def test_sliding_window_sees_only_the_last_keys_and_holds_in_the_cache():
         cache = mut["cache"]
         outs.append(out)
     chex.assert_trees_all_close(jnp.concatenate(outs, 1), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads, qkv_bias", [(4, False), (2, True)])
+def test_fused_projection_gradient_joins_q_k_v_in_one_concatenate(kv_heads, qkv_bias):
+    """One matmul projects q, k and v; its output is split (not sliced three times), so the
+    backward pass joins their gradients with one concatenate instead of padding each and
+    adding (on the bf16 bench step, XLA:CPU's pad/add chain cost 18 ms per layer: 4.18 ->
+    4.02 s per step). The gradient equals that of three separate projections."""
+    m = MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=kv_heads, qkv_bias=qkv_bias)
+    x = _x((2, 6, 16))
+    params = m.init(jax.random.key(0), x)["params"]
+
+    def loss(params, x):
+        return jnp.sum(m.apply({"params": params}, x, causal=True) ** 2)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=1))(params, x))
+    assert "pad[" not in jaxpr and "concatenate" in jaxpr
+
+    def separate(params, x):  # the same attention with each projection its own einsum
+        p = nn.meta.unbox(params)
+        q, k, v = (jnp.einsum("bld,dhk->blhk", x, p[n]["kernel"]) + (p[n]["bias"] if qkv_bias else 0)
+                   for n in ("query", "key", "value"))
+        k, v = (jnp.repeat(t, 4 // kv_heads, axis=2) for t in (k, v))
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+        s = jnp.where(jnp.tril(jnp.ones((6, 6), bool)), s, -1e30)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+        return jnp.sum(jnp.einsum("bqhd,hdo->bqo", o, p["out"]["kernel"]) ** 2)
+    got, want = jax.grad(loss, argnums=(0, 1))(params, x), jax.grad(separate, argnums=(0, 1))(params, x)
+    chex.assert_trees_all_close(nn.meta.unbox(got), nn.meta.unbox(want), rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ a batch hold prompts of different lengths (left-padded).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -164,13 +165,11 @@ def fused_projections(x_BLD: jax.Array, denses: tuple[Dense, ...], repeats: int,
     joined = jnp.concatenate([k.reshape(k.shape[0], groups, -1, k.shape[-1]) for k in kernels], axis=2)
     joined = nn.with_logical_constraint(joined, ("embed", "heads", None, "head_dim"))
     y = matmul(x_BLD, joined, 1, dtype)  # [B, L, groups, sum of heads per group, Dh]
-    outs, start = [], 0
-    for d, w, k in zip(denses, ws, kernels):
-        per = k.shape[1] // groups
-        out = y[..., start:start + per, :].reshape(*y.shape[:-3], k.shape[1], k.shape[-1])
-        start += per
-        outs.append(d.add_extras(out, x_BLD, w, 1 if d.name == "query" else repeats))
-    return outs
+    per = [k.shape[1] // groups for k in kernels]
+    parts = jnp.split(y, list(itertools.accumulate(per[:-1])), axis=-2)  # its gradient: one concatenate
+    return [d.add_extras(part.reshape(*y.shape[:-3], k.shape[1], k.shape[-1]), x_BLD, w,
+                         1 if d.name == "query" else repeats)
+            for d, w, k, part in zip(denses, ws, kernels, parts)]
 
 
 def kv_repeats(num_heads: int, kv_heads: int) -> int:
