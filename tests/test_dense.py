@@ -92,7 +92,7 @@ def test_bias_gradient_is_the_float32_sum_of_the_cotangent(b_shape):
 def test_scanned_bf16_layer_gradient_has_no_tree_reduction():
     """XLA:CPU runs autodiff's bf16 bias-gradient sum inside a scan as an upcast reduce-window
     (tree reduction), ~17 ms for a [4096, 2048] cotangent; add_bias's float32 sum is a plain
-    reduction. The bf16 bench step: 4.47 -> 4.19 s (benchmarks/train_step.py, 2 cores)."""
+    reduction. The bf16 bench step: 4.47 -> 4.19 s (docs/architecture.md)."""
     dense = Dense((2048,), ("embed", "mlp"), use_bias=True, dtype=jnp.bfloat16)
     x = jnp.ones((8, 512, 256), jnp.bfloat16)
     params = jax.tree.map(lambda p: jnp.stack([p] * 2), dense.init(jax.random.key(0), x))
