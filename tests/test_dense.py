@@ -70,6 +70,9 @@ def test_float32_weights_and_compute_take_plain_autodiff():
     x, w = _inputs(*CASES[0][:2], x_dtype=jnp.float32)
     grad = jax.grad(lambda w: jnp.sum(matmul(x, w, 1, jnp.float32) ** 2))
     assert "custom_vjp" not in str(jax.make_jaxpr(grad)(w))
+    b = jnp.ones(CASES[0][1][1:])
+    grad = jax.grad(lambda w, b: jnp.sum(add_bias(matmul(x, w, 1, jnp.float32), b) ** 2), argnums=(0, 1))
+    assert "custom_vjp" not in str(jax.make_jaxpr(grad)(w, b))
 
 
 @pytest.mark.parametrize("b_shape", [(16,), (3, 16)])

@@ -160,16 +160,23 @@ class Dense(nn.Module):
         return y
 
 
-@jax.custom_vjp
 def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
-    """y + b, b broadcast over y's leading axes and cast to y's dtype. The bias gradient sums the
-    cotangent in float32: autodiff would sum a bfloat16 cotangent in bfloat16, which XLA:CPU
-    runs as a slow upcast tree reduction (reduce-window)."""
+    """y + b, b broadcast over y's leading axes and cast to y's dtype. For a y narrower than
+    float32 the bias gradient sums the cotangent in float32 (a custom VJP): autodiff would sum a
+    bfloat16 cotangent in bfloat16, which XLA:CPU runs as a slow upcast tree reduction
+    (reduce-window). A float32 y takes plain autodiff."""
+    if y.dtype == jnp.float32:
+        return y + b.astype(y.dtype)
+    return _add_bias_f32_grad(y, b)
+
+
+@jax.custom_vjp
+def _add_bias_f32_grad(y, b):
     return y + b.astype(y.dtype)
 
 
 def _add_bias_fwd(y, b):
-    return add_bias(y, b), jnp.zeros((0,) * b.ndim, b.dtype)  # b's rank and dtype
+    return _add_bias_f32_grad(y, b), jnp.zeros((0,) * b.ndim, b.dtype)  # b's rank and dtype
 
 
 def _add_bias_bwd(b_like, g):
@@ -177,4 +184,4 @@ def _add_bias_bwd(b_like, g):
     return g, jnp.sum(g, lead, dtype=jnp.float32).astype(b_like.dtype)
 
 
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+_add_bias_f32_grad.defvjp(_add_bias_fwd, _add_bias_bwd)
