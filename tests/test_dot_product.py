@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from transformer_jax.layers import platform
 from transformer_jax.layers.dot_product import (
-    CHUNKED_MIN_SCORES, CPU_BLOCK, IMPLEMENTATIONS, chunked_block, dot_product_attention, select_implementation)
+    CHUNKED_MIN_SCORES, CPU_BLOCKS, IMPLEMENTATIONS, chunked_blocks, dot_product_attention, select_implementation)
 
 
 def _qkv(rng, b, lq, lk, h, kh, d, dtype=jnp.float32):
@@ -264,13 +264,13 @@ def _fwd_bwd_temp_bytes(impl, length):
 
 
 def test_cpu_default_tiles_match_xla_in_less_scratch_than_one_tile():
-    """On CPU `chunked` defaults to CPU_BLOCK tiles (512 where it traces for an accelerator): at
+    """On CPU `chunked` defaults to CPU_BLOCKS tiles (512 x 512 where it traces for an accelerator): at
     L = 512, causal, they give xla's output and gradients, and the compiled forward+backward needs
     less scratch than one 512 x 512 tile (measured 1/5 at batch 1, 8 heads)."""
-    assert chunked_block() == CPU_BLOCK < 512
+    assert max(chunked_blocks()) < 512 and chunked_blocks() == CPU_BLOCKS
     for target in ("cuda", "tpu"):
         with platform.target_platform(target):
-            assert chunked_block() == 512
+            assert chunked_blocks() == (512, 512)
     q, k, v = _qkv(np.random.default_rng(9), 1, 512, 512, 2, 2, 16)
     out, grads = _value_and_grads("chunked", q, k, v, None, causal=True)
     chex.assert_trees_all_close((out, grads), _value_and_grads("xla", q, k, v, None, causal=True),

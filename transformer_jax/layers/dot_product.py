@@ -55,7 +55,10 @@ CHUNKED_MIN_SCORES = 512 * 512
 # f32 6.66 / 6.48 / 6.33 s (a second run: 128 6.52, 64 6.51, 32 6.58); f32 loss equal to all
 # printed digits. Alone (benchmarks/attention.py, batch 1, causal f32, fwd+bwd ms at L = 512 /
 # 1024 / 2048): 512-tiles 32.8 / 86.2 / 298, 64-tiles 18.2 / 63.5 / 241, with a fifth of the temp.
-CPU_BLOCK = 64
+# q tiles of 64 against kv tiles of 128 ran 1-5% faster than 64 x 64 in three of three runs (bf16
+# 3.66 / 3.68 against 3.86 / 3.73 s, f32 6.50 against 6.60 s); 128 x 64, 64 x 256, 32 x 128 and
+# 32 x 32 were no better.
+CPU_BLOCKS = (64, 128)
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 is safe everywhere
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def dot_product_attention(
     block_kv: int | None = None,
 ) -> jax.Array:
     """Attention output [B, Lq, H, D] in q's dtype. `block_q`/`block_kv`: tile sizes of `chunked`
-    (default `chunked_block()`: 64 on CPU, 512 elsewhere)."""
+    (default `chunked_blocks()`: 64 x 128 on CPU, 512 x 512 elsewhere)."""
     _check_shapes(q, k, v, q_segment_ids, kv_segment_ids)
     if implementation not in KERNELS:
         raise ValueError(f"attention implementation={implementation!r} is unknown; choose one of {KERNELS}")
@@ -96,13 +99,14 @@ def dot_product_attention(
         return _cudnn(*args)
     if implementation == "chunked":
         with jax.named_scope("chunked_attention"):  # `plan` finds the kernel's tile loops by this name
-            return _chunked(*args, block_q=block_q or chunked_block(), block_kv=block_kv or chunked_block())
+            default_q, default_kv = chunked_blocks()
+            return _chunked(*args, block_q=block_q or default_q, block_kv=block_kv or default_kv)
     return _xla(*args)
 
 
-def chunked_block() -> int:
-    """Default tile size of `chunked`: CPU_BLOCK on CPU, 512 elsewhere."""
-    return CPU_BLOCK if platform.backend() == "cpu" else 512
+def chunked_blocks() -> tuple[int, int]:
+    """Default (block_q, block_kv) of `chunked`: CPU_BLOCKS on CPU, 512 x 512 elsewhere."""
+    return CPU_BLOCKS if platform.backend() == "cpu" else (512, 512)
 
 
 def select_implementation(backend: str, dtype, lq: int, lk: int, *, batch: int = 1, heads: int = 1,
