@@ -68,7 +68,7 @@ def main():
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--block", type=int, default=None, help="chunked block_q = block_kv (default: the library's, 64 on CPU)")
+    p.add_argument("--block", type=int, default=None, help="chunked block_q = block_kv (default: the library's tiles, 64 x 128 on CPU)")
     p.add_argument("--no-causal", dest="causal", action="store_false")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-run-gib", type=float, default=6.0, help="compile but do not run above this temp size")
