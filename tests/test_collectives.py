@@ -20,7 +20,7 @@ from transformer_jax.parallel import MeshConfig, get_rules, make_mesh
 from transformer_jax.train import OptimizerConfig, TaskConfig, make_train_setup, synthetic_batch
 
 MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "dp_tp": (4, 1, 2), "fsdp_tp": (2, 2, 2)}
-# The bench model's proportions, smaller: tied embeddings, 4 loss chunks per sequence.
+# The bench model's proportions, smaller: tied embeddings, loss chunks of 32 tokens per device.
 B, L, D, V, LAYERS = 8, 128, 128, 4096, 2
 BATCH = synthetic_batch("lm", B, L, V)
 
@@ -115,7 +115,8 @@ def test_accumulation_keeps_the_data_reduction_once_on_a_tp_mesh():
 
 @pytest.mark.slow
 def test_fused_loss_chunks_do_not_multiply_the_output_layer_reduction():
-    # 4 chunks per sequence vs 1: the same bytes (the dW carry is reduced after the loop)
+    # 4 chunks per sequence (one row per device) vs 1: the same bytes (the dW carry is reduced
+    # after the loop)
     _, got4, *_ = measure("fsdp")
     setup = _setup("fsdp")
     one = make_train_setup(setup.model_cfg, setup.optim_cfg, TaskConfig(task="lm", loss_chunk=L), setup.mesh,

@@ -127,19 +127,40 @@ def test_fused_chunked_loss_equals_whole_logits(task, name, extra):
     args, kw = model_inputs(init_inputs(task, 4, 8), task)
     params = jax.jit(lambda: model.init(jax.random.key(0), *args, **kw))()["params"]
     results = {}
-    for chunk in (0, 8):
+    for chunk in (0, 32):  # 32 tokens: 8 positions of the 4 rows
         task_cfg = TaskConfig(task=task, loss_chunk=chunk, z_loss=1e-2, label_smoothing=0.1)
 
         def loss(p, b, task_cfg=task_cfg):
             sums = batch_loss_sums(model, p, b, task_cfg)
             return sums["loss"], sums
         results[chunk] = jax.device_get(jax.jit(jax.grad(loss, has_aux=True))(params, batch))
-    (g_whole, s_whole), (g_fused, s_fused) = results[0], results[8]
+    (g_whole, s_whole), (g_fused, s_fused) = results[0], results[32]
     for k in s_whole:
         np.testing.assert_allclose(s_fused[k], s_whole[k], rtol=1e-5, err_msg=k)
     scale = max(np.abs(x).max() for x in jax.tree.leaves(g_whole))  # key-bias gradients are float noise
     for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_whole)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_fused_loss_chunks_count_tokens_per_device_and_transpose_w_once():
+    # Each chunk adds a whole [D, V] partial into dW: with the batch split over 8 devices the
+    # chunks must grow (same tokens per chunk), not multiply. And W^T for the logits is made once,
+    # not once per chunk.
+    from transformer_jax.hlo_analysis import analyze_hlo
+    from transformer_jax.parallel import MeshConfig, get_rules, make_mesh
+    from transformer_jax.train import OptimizerConfig, make_train_setup
+    b, length, d, v = 8, 128, 128, 4096
+    cfg = get_config("bench", num_layers=1, d_model=d, num_heads=8, d_ff=4 * d, vocab_size=v, max_len=length,
+                     scan_layers=False)  # the loss's chunk loop is the step's only loop (xla attention)
+    batch = synthetic_batch("lm", b, length, v)
+    for mesh_cfg, n, rows in ((MeshConfig(data=1), 1, b), (MeshConfig(data=8, preset="dp"), 8, 1)):
+        setup = make_train_setup(cfg, OptimizerConfig(), TaskConfig(task="lm", loss_chunk=64),
+                                 make_mesh(mesh_cfg, jax.devices()[:n]), get_rules(mesh_cfg.preset), 10)
+        stats = analyze_hlo(setup.compiled_train_step(batch).as_text(), n)
+        assert list(stats.loops.values()) == [rows * length // 64], n
+        w_copies = [t for (t, _, nbytes), kind in zip(stats.ops, stats.op_kinds)
+                    if kind == "transpose" and nbytes >= d * v * 4]
+        assert w_copies and max(w_copies) == 1, (n, w_copies)
 
 
 # -- the MLM head at the masked positions only equals the head at every position ---------------

@@ -35,7 +35,7 @@ Contract:
 - bf16 compute: `ModelConfig(dtype="bfloat16", param_dtype="float32")`: f32 master
   params, optimizer state and gradients; bf16 matmul inputs. On CPUs without bf16
   hardware f32 is the faster choice (benchmarks/train_step.py).
-- Output layer + loss: with task.loss_chunk > 0 (default 128) lm/span/seq2seq never
+- Output layer + loss: with task.loss_chunk > 0 (tokens per device, default 1024) lm/span/seq2seq never
   materialise the [B, L, V] logits (train/fused_loss.py): same numbers, -1.5 GiB temp and
   ~-20% step time on the bench model. task.loss_chunk=0 computes whole logits.
 - Steps compile ahead of time once per batch shape: `setup.compiled_train_step(batch)`

@@ -1,4 +1,4 @@
-"""Output layer + cross-entropy fused, a chunk of positions at a time (`task.loss_chunk`).
+"""Output layer + cross-entropy fused, a chunk of tokens at a time (`task.loss_chunk` per device).
 
 The [B, L, V] logits are never materialised. For each chunk of positions the logits,
 their log-sum-exp, the loss sums and, when differentiating, the closed-form gradient
@@ -126,6 +126,11 @@ def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
     w_g = w if w.ndim == 3 else w[None]
     gw, v = w_g.shape[:2]
     wc = w_g.astype(dtype)
+    # W^T for the logits, made once outside the loop: with W inside it, XLA:CPU transposed W for
+    # the logits dot at every chunk (a [D, V] copy each). W is whole along D first (FSDP's one
+    # gather), so that W and W^T are not gathered separately.
+    wc = nn.with_logical_constraint(wc, ("batch" if gw > 1 else None, "vocab", None))
+    wc_t = jnp.swapaxes(wc, 1, 2)
     # dW is a sum over the batch, whose rows are split over g devices. Each device adds up its
     # own rows' share in its slice of a [g, D, V] carry (sharded like the batch: no collective
     # inside the loop); the g shares are summed once after it (one all-reduce / reduce-scatter
@@ -136,7 +141,7 @@ def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
 
     def body(acc, xs):
         h_c, t_c, w_c = xs  # [B, c, D], [B, c], [B, c]
-        logits = merge(platform.einsum("gbcd,gvd->gbcv", split(h_c.astype(dtype), gw), wc))
+        logits = merge(platform.einsum("gbcd,gdv->gbcv", split(h_c.astype(dtype), gw), wc_t))
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         log_z = jax.nn.logsumexp(logits, axis=-1)
         onehot = jax.nn.one_hot(t_c, v, dtype=F32)
@@ -162,7 +167,10 @@ def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
         dw = nn.with_logical_constraint(dw, ("batch", None, "vocab"))
         return (acc_sums, dw), nn.with_logical_constraint(dh, ("batch", "length", "embed"))
 
-    chunk = min(chunk, h.shape[1])
+    # `chunk` counts tokens per device: the positions per chunk follow from the rows each device
+    # holds. Each chunk also adds a whole [D, V] partial into dW, so fewer rows per device (more
+    # devices on the batch) must not mean more, smaller chunks.
+    chunk = max(1, min(chunk // (h.shape[0] // g), h.shape[1]))
     zeros = {k: jnp.zeros((), F32) for k in ("loss", "nll", "correct", "tokens", "z_loss")}
     xs = (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk))
     d = w_g.shape[-1]
@@ -176,8 +184,9 @@ def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def fused_cross_entropy_sums(h, w, targets, weights, chunk: int, z_loss: float, smoothing: float, dtype) -> dict:
-    """`cross_entropy_sums(h . W^T, targets, weights, ...)` a chunk of `chunk` positions at a
-    time. Differentiable in h and W through the "loss" sum (the others are metrics)."""
+    """`cross_entropy_sums(h . W^T, targets, weights, ...)` about `chunk` tokens per device at a
+    time (whole positions of every row the device holds). Differentiable in h and W through the
+    "loss" sum (the others are metrics)."""
     return _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad=False)[0]
 
 

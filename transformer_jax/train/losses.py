@@ -36,9 +36,10 @@ class TaskConfig(Config):
     z_loss: float = 0.0  # coefficient of log(Z)^2 per target (PaLM: 1e-4); keeps logits from drifting
     label_smoothing: float = 0.0  # mass spread uniformly over the vocabulary (or classes)
     on_nonfinite: Literal["skip", "halt"] = "skip"  # a non-finite loss or gradient: skip the update, or also halt
-    # lm/span/seq2seq: output layer + loss fused, this many positions at a time, never the whole
-    # [B, L, V] logits (train/fused_loss.py); 0: whole logits. Same numbers, less memory and time.
-    loss_chunk: int = 128
+    # lm/span/seq2seq: output layer + loss fused, about this many tokens per device at a time
+    # (whole positions of its rows), never the whole [B, L, V] logits (train/fused_loss.py); 0:
+    # whole logits. Same numbers, less memory and time.
+    loss_chunk: int = 1024
     # mlm: the head (transform + vocabulary logits) runs at this fraction of each row's positions,
     # those with weight > 0 first (the masked ones; BERT selects 15%); 0: every position. A batch
     # with more weighted positions in a row is an error (train step), never silently cut.
@@ -64,7 +65,7 @@ class TaskConfig(Config):
 def argmax_hits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """argmax(logits, -1) == targets, ties going to the first index as argmax's do, without
     argmax's (value, index) reduction: the row max (the one logsumexp takes already), then the
-    first index holding it. On the bench model's fused-loss chunk ([1024, 32768] f32 logits,
+    first index holding it. On a fused-loss chunk of the bench model ([1024, 32768] f32 logits,
     logsumexp included) 108 ms instead of 132; argmax was the slowest-but-one memory-bound op
     of benchmarks/plan_check.py's 8-device llama step (33 ms per device of 1.2 s)."""
     v = logits.shape[-1]
