@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from transformer_jax.hlo_analysis import analyze_hlo
 from transformer_jax.models import get_config
 from transformer_jax.parallel.mesh import MeshConfig, make_mesh
 from transformer_jax.parallel.rules import PRESETS, get_rules
@@ -256,12 +257,21 @@ def test_fsdp_step_all_gathers_the_weights():
     assert "reduce-scatter" in found or "all-reduce" in found  # and its gradient reduced
 
 
-def test_tp_step_all_reduces_activations():
+def test_tp_step_gathers_and_scatters_activations():
+    # sequence parallelism: the residual stream holds 1/8 of the positions; each sublayer's input
+    # is gathered whole ([batch, length, embed]) and its output summed back into the split
     setup = setup_for("decoder", (1, 1, 8), "tp")
-    found = collectives(setup)
     b, l, d = 8, 16, 64
-    assert (b, l, d) in found.get("all-reduce", [])  # row-parallel outputs [batch, length, embed] summed
-    assert "all-gather" not in found or all(s != (b, l, d) for s in found["all-gather"])
+    layers = setup.model_cfg.num_layers
+    assert collectives(setup)["all-gather"].count((b, l, d)) == 4 * layers + 2
+    stats = analyze_hlo(setup.compiled_train_step(batches("decoder")[0]).as_text(), 8)
+    act = b * l * d * 4
+    assert stats.collectives["all-gather"].array_bytes == pytest.approx((4 * layers + 2) * act, rel=0.01)
+    # XLA:CPU writes a reduce-scatter as an all-reduce whose result is only sliced
+    assert stats.collectives["reduce-scatter"].array_bytes == (4 * layers + 2) * act
+    # nothing activation-sized is all-reduced: scalars, softmax statistics, the norms' parameter
+    # gradients (their positions are split now)
+    assert stats.collectives["all-reduce"].array_bytes < act
 
 
 def test_fsdp_init_really_shards_parameters_and_optimizer_state():

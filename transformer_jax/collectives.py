@@ -18,9 +18,21 @@ when the loss is fused), and A one [batch rows per device, length, d_model] acti
     reduce-scatter  P_f               FSDP: every gradient reduce-scattered once per step
     all-reduce      P_r (d f > 1)     DP: every replicated gradient all-reduced once per step,
                     + P_f / f (d > 1)     the FSDP shards of the others across data replicas
-                    + (4 N + 2) A (t > 1)   Megatron TP: per layer 2 forward (attention and MLP
-                                        outputs) and 2 backward (their inputs' gradients), plus the
-                                        vocab-split embedding lookup and the output layer's dh
+                    + A (t > 1, the fused loss in more than one chunk: its dh, chunk by chunk)
+
+and, with tensor parallelism (t > 1), Megatron's activation traffic with sequence parallelism
+(Korthikanti et al. 2022: the residual stream split over tensor along length, layers/blocks.py):
+
+    all-gather      + (4 N + 2) A     per layer 2 forward (the attention and MLP inputs, gathered
+                                        whole) and 2 backward (their outputs' gradients), plus the
+                                        output layer's input and the embedding's gradient
+    reduce-scatter  + (4 N + 2) A     the transposes: the attention and MLP outputs forward, their
+                                        inputs' gradients backward, the vocab-split embedding
+                                        lookup and the output layer's dh (- A when the fused loss
+                                        runs in chunks: then that one is the all-reduce above)
+
+Each all-gather + reduce-scatter pair moves the link bytes of the one all-reduce of Megatron
+TP without sequence parallelism, while norms, residuals and dropout run on 1/t of the positions.
 
 Gradient accumulation does not change any of it: one reduction per step, not per microbatch
 (FSDP's reduce-scatter excepted, which runs per microbatch so that no device ever holds a
@@ -69,7 +81,12 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
         cfg = setup.model_cfg
         rows, length = batch["inputs"].shape
         act = rows // (d * f) * length * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
-        out["all-reduce"] += (4 * cfg.num_layers + 2) * act
+        # the fused loss's chunks run along length, not along its split: with more than one
+        # chunk, each chunk's dh is all-reduced whole (the same elements, once)
+        chunked = fused and length > max(1, setup.task_cfg.loss_chunk // max(rows // (d * f), 1))
+        out["all-gather"] += (4 * cfg.num_layers + 2) * act
+        out["reduce-scatter"] += (4 * cfg.num_layers + 2 - chunked) * act
+        out["all-reduce"] += chunked * act
     return out
 
 

@@ -114,6 +114,9 @@ def group_size(attrs: str, num_devices: int) -> int:
     return 2 if m else num_devices  # empty groups: every device
 
 
+_ELEMENTWISE = ("add", "subtract", "multiply", "divide", "convert", "negate", "maximum", "minimum", "select")
+
+
 def _only_sliced(comp: Computation, name: str, comps: dict[str, Computation], depth: int = 0) -> bool:
     """Is every use of `name` a dynamic-slice of it (through bitcasts, copies and fusions)?"""
     users = comp.users.get(name, [])
@@ -123,6 +126,11 @@ def _only_sliced(comp: Computation, name: str, comps: dict[str, Computation], de
         if u.opcode == "dynamic-slice" and u.operands[0] == name:
             continue
         if u.opcode in ("bitcast", "copy", "reshape") and _only_sliced(comp, u.name, comps, depth + 1):
+            continue
+        # elementwise on the whole array, then sliced (e.g. a bias added before the slice): the
+        # same as slicing first
+        if u.opcode in _ELEMENTWISE and name in comp.by_name and shape_dims(u.shape) == shape_dims(
+                comp.by_name[name].shape) and _only_sliced(comp, u.name, comps, depth + 1):
             continue
         if u.opcode == "fusion":
             fused = comps.get((_attr_comps(u.attrs, "calls") or [""])[0])

@@ -46,11 +46,33 @@ def _residual(layer: nn.Module, x_BLD, f, name: str):
     cfg = layer.cfg
     norm = make_norm(cfg.norm, cfg.norm_eps, cfg.use_bias, name=name, **dtypes(cfg))
     drop = nn.Dropout(cfg.dropout_rate, deterministic=layer.deterministic)
+    # Sequence parallelism (Korthikanti et al. 2022), where a preset splits "seq": the residual
+    # stream and the norms hold 1/t of the positions; the sublayer's input is gathered whole
+    # along length and its output reduce-scattered back, in place of Megatron's all-reduce.
     if cfg.norm_position == "pre":
-        y = x_BLD + drop(f(norm(x_BLD)))
+        y = x_BLD + drop(f(gather_positions(norm(x_BLD))))
     else:
-        y = norm(x_BLD + drop(f(x_BLD)))
-    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+        y = norm(x_BLD + drop(f(gather_positions(x_BLD))))
+    return nn.with_logical_constraint(y, ("batch", "seq", "embed"))
+
+
+@jax.custom_vjp
+def gather_positions(x_BLD: jax.Array) -> jax.Array:
+    """x whole along length; its gradient comes back split like the residual stream ("seq"): a
+    reduce-scatter, where autodiff of the constraint alone left the norm's backward on whole
+    rows behind an all-reduce. The identity off a mesh or without a "seq" rule."""
+    return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+
+
+def _gather_fwd(x_BLD):
+    return gather_positions(x_BLD), None
+
+
+def _gather_bwd(_, g_BLD):
+    return (nn.with_logical_constraint(g_BLD, ("batch", "seq", "embed")),)
+
+
+gather_positions.defvjp(_gather_fwd, _gather_bwd)
 
 
 def _attention(cfg: ModelConfig, name: str, decode: bool = False, rope: bool = False) -> MultiHeadAttention:

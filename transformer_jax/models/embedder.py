@@ -55,7 +55,7 @@ class Embedder(nn.Module):
         if cfg.embed_norm:
             x_BLD = self.norm(x_BLD)
         x_BLD = self.dropout(x_BLD, deterministic=deterministic)
-        return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x_BLD, ("batch", "seq", "embed"))
 
     def logits(self, x_BLD):
         """Vocabulary logits [..., vocab] in float32."""

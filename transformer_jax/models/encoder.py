@@ -51,6 +51,9 @@ class Encoder(nn.Module):
             return h_BLD
         if head == "mlm":
             if predict_BK is not None:  # the vocabulary logits of the masked positions only
+                # whole along length first: a gather from length split over tensor (sequence
+                # parallelism) crashes XLA's SPMD partitioner (jax 0.10.2, 2x2x2 fsdp_tp)
+                h_BLD = nn.with_logical_constraint(h_BLD, ("batch", "length", "embed"))
                 h_BLD = jnp.take_along_axis(h_BLD, predict_BK[..., None], axis=1)  # [B, K, D]
             return MLMHead(cfg, name="mlm_head")(h_BLD, embedder)
         if head == "classify":

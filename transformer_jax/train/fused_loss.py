@@ -172,6 +172,8 @@ def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
     # devices on the batch) must not mean more, smaller chunks.
     chunk = max(1, min(chunk // (h.shape[0] // g), h.shape[1]))
     zeros = {k: jnp.zeros((), F32) for k in ("loss", "nll", "correct", "tokens", "z_loss")}
+    # whole along length (sequence parallelism splits it over tensor): one gather for the loop
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     xs = (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk))
     d = w_g.shape[-1]
     (sums, dw_t), dh = jax.lax.scan(body, (zeros, jnp.zeros((g, d, v), F32) if grad else None), xs)
