@@ -73,3 +73,21 @@ def test_remat_recomputes_in_the_backward_pass():
         hlo = jax.jit(jax.grad(lambda p: _stack_loss(cfg, p, x))).lower(params).as_text()
         return hlo.count("dot_general")
     assert n_dots("full") > n_dots("none")
+
+
+def test_gather_positions_is_whole_forward_and_split_backward_on_a_tp_mesh():
+    from transformer_jax.layers.blocks import gather_positions
+    from transformer_jax.parallel import MeshConfig, get_rules, make_mesh
+    mesh = make_mesh(MeshConfig(tensor=8, preset="tp"))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 8))
+
+    def f(x):
+        with nn.logical_axis_rules(get_rules("tp")):
+            x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))  # the residual stream: split
+            return jnp.sum(jnp.sin(gather_positions(x)))
+    with jax.set_mesh(mesh):
+        value, grad = jax.jit(jax.value_and_grad(f))(x)
+        text = jax.jit(jax.grad(f)).lower(x).compile().as_text()
+    chex.assert_trees_all_close((value, grad), (jnp.sum(jnp.sin(x)), jnp.cos(x)), rtol=1e-6)  # the identity
+    assert "all-gather" in text  # the forward gathers the positions
+    assert grad.sharding.spec[1] == "tensor"  # the gradient comes back split along length
