@@ -47,6 +47,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.train.fused_loss import chunk_positions
 from transformer_jax.train.losses import FUSED_TASKS
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce")
@@ -83,7 +84,7 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
         act = rows // (d * f) * length * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
         # the fused loss's chunks run along length, not along its split: with more than one
         # chunk, each chunk's dh is all-reduced whole (the same elements, once)
-        chunked = fused and length > max(1, setup.task_cfg.loss_chunk // max(rows // (d * f), 1))
+        chunked = fused and chunk_positions(setup.task_cfg.loss_chunk, rows // (d * f), length) < length
         out["all-gather"] += (4 * cfg.num_layers + 2) * act
         out["reduce-scatter"] += (4 * cfg.num_layers + 2 - chunked) * act
         out["all-reduce"] += chunked * act

@@ -99,6 +99,13 @@ def _chunks(x: jax.Array, c: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
 
 
+def chunk_positions(loss_chunk: int, rows_per_device: int, length: int) -> int:
+    """Positions per chunk: `loss_chunk` counts tokens per device, so the positions follow from
+    the rows each device holds. Each chunk also adds a whole [D, V] partial into dW, so fewer
+    rows per device (more devices on the batch) must not mean more, smaller chunks."""
+    return max(1, min(loss_chunk // max(rows_per_device, 1), length))
+
+
 def batch_shards(rows: int) -> int:
     """How many devices split the batch rows under the current mesh and logical rules (1 when
     none is set or the rows do not divide)."""
@@ -167,10 +174,7 @@ def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):
         dw = nn.with_logical_constraint(dw, ("batch", None, "vocab"))
         return (acc_sums, dw), nn.with_logical_constraint(dh, ("batch", "length", "embed"))
 
-    # `chunk` counts tokens per device: the positions per chunk follow from the rows each device
-    # holds. Each chunk also adds a whole [D, V] partial into dW, so fewer rows per device (more
-    # devices on the batch) must not mean more, smaller chunks.
-    chunk = max(1, min(chunk // (h.shape[0] // g), h.shape[1]))
+    chunk = chunk_positions(chunk, h.shape[0] // g, h.shape[1])
     zeros = {k: jnp.zeros((), F32) for k in ("loss", "nll", "correct", "tokens", "z_loss")}
     # whole along length (sequence parallelism splits it over tensor): one gather for the loop
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
