@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from model_testing import inputs_for
 from transformer_jax.models import build_model, get_config
-from transformer_jax.parallel.partition import check_divisible, init_sharded
+from transformer_jax.parallel.partition import check_divisible, init_sharded, split_update
 from transformer_jax.parallel.rules import LOGICAL_AXES, PRESETS, get_rules
 
 MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "dp_tp": (2, 1, 4), "fsdp_tp": (2, 2, 2)}
@@ -81,6 +81,18 @@ def test_indivisible_dimension_is_a_one_line_error():
     model = build_model(cfg)
     with pytest.raises(ValueError, match=r"^num_heads=4 is not divisible by tensor=8 \(parameter .*self_attention.*\); change the model or the mesh$"):
         init_sharded(model.init, mesh_of((1, 1, 8)), get_rules("tp"), jax.random.key(0), jnp.ones((8, 4), jnp.int32))
+
+
+def test_split_update_adds_data_on_the_largest_free_dimension():
+    mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3)
+    spec = lambda shape, *entries: split_update(jax.sharding.NamedSharding(mesh, P(*entries)), shape).spec  # noqa: E731
+    assert spec((8, 16)) == P(None, "data")  # the largest
+    assert spec((8, 16), None, "tensor") == P("data", "tensor")  # one no other axis splits
+    assert spec((6, 8, 4)) == P(None, "data", None)  # one data divides
+    assert spec((6, 3)) == P() and spec((8, 2), None, "tensor") == P(None, "tensor")  # none: unchanged
+    assert spec((8, 8), ("data", "tensor")) == P(("data", "tensor"))  # data already there
+    one = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3)
+    assert split_update(jax.sharding.NamedSharding(one, P()), (8, 8)).spec == P()  # data of size 1
 
 
 def test_presets_are_data():

@@ -78,13 +78,15 @@ def test_memory_per_device_matches_the_sharded_arrays():
     assert ag["count"] > 0 and ag["operand_bytes"] <= ag["link_bytes"] <= 3 * ag["operand_bytes"]
 
 
-def test_data_parallel_all_reduces_the_gradients_once(measured):
+def test_data_parallel_reduces_the_gradients_and_gathers_the_weights_once(measured):
     cfg, m = measured["dp"]
     p = _param_bytes(_setup(cfg))
-    ar = m["collectives"]["all-reduce"]
-    assert ar["operand_bytes"] == pytest.approx(p, rel=0.03)  # every f32 gradient, + a few scalars
-    assert ar["link_bytes"] == pytest.approx(2 * 7 / 8 * ar["operand_bytes"])  # ring: 2 (n-1)/n x bytes
-    assert m["collectives"]["all-gather"]["count"] == m["collectives"]["reduce-scatter"]["count"] == 0
+    rs, ag, ar = (m["collectives"][k] for k in ("reduce-scatter", "all-gather", "all-reduce"))
+    # the weight update split over data: every f32 gradient reduce-scattered, every weight gathered
+    assert rs["operand_bytes"] == pytest.approx(p, rel=0.03)
+    assert 8 * ag["operand_bytes"] == pytest.approx(p, rel=0.03)
+    assert rs["link_bytes"] + ag["link_bytes"] == pytest.approx(2 * 7 / 8 * p, rel=0.03)  # a ring all-reduce's
+    assert ar["operand_bytes"] < 1e-3 * p  # a few scalars
 
 
 def test_fsdp_gathers_params_twice_and_reduce_scatters_gradients(measured):
@@ -147,8 +149,9 @@ def test_report_shows_textbook_beside_measured_and_one_mfu(measured):
                   model=dict(family="decoder", layers=LAYERS, remat="none", dtype="float32", param_dtype="float32",
                              grad_accum=1), measured=m, prediction=predict(m, CHIPS["v5e"], 8, B * L))
     text = format_plan(result)
-    row = next(line for line in text.splitlines() if line.strip().startswith("all-reduce"))
-    assert "1.00x" in row  # DP: every gradient once, the textbook
+    for kind in ("reduce-scatter", "all-gather"):  # DP: every gradient once, every weight once, the textbook
+        row = next(line for line in text.splitlines() if line.strip().startswith(kind))
+        assert "1.00x" in row, row
     assert text.count("MFU") == 3 and "[1] bounds" in text  # one MFU, the range in the footnote
 
 

@@ -20,6 +20,12 @@ when the loss is fused), and A one [batch rows per device, length, d_model] acti
                     + P_f / f (d > 1)     the FSDP shards of the others across data replicas
                     + A (t > 1, the fused loss in more than one chunk: its dh, chunk by chunk)
 
+except that over data (d > 1) the weight update is split (parallel/partition.py: split_update):
+the part U of those data reductions whose update is split is a reduce-scatter of the gradients
+and an all-gather of the new weights instead of an all-reduce (the same link bytes):
+
+    all-reduce      - U               reduce-scatter + U      all-gather + U
+
 and, with tensor parallelism (t > 1), Megatron's activation traffic with sequence parallelism
 (Korthikanti et al. 2022: the residual stream split over tensor along length, layers/blocks.py):
 
@@ -62,8 +68,10 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
     mesh = setup.mesh
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     fused = bool(setup.task_cfg.loss_chunk) and setup.task_cfg.task in FUSED_TASKS
-    p_fsdp = p_rest = t_fsdp = 0.0
-    for path, x in jax.tree_util.tree_leaves_with_path(setup.abstract_state.params):
+    p_fsdp = p_rest = t_fsdp = split = 0.0
+    leaves = zip(jax.tree_util.tree_leaves_with_path(setup.abstract_state.params),
+                 jax.tree.leaves(setup.update_shardings))
+    for (path, x), update in leaves:
         axes = _axes(x.sharding.spec)
         nbytes = math.prod(x.shape) * x.dtype.itemsize / (t if "tensor" in axes else 1)
         if f > 1 and "fsdp" in axes:
@@ -72,12 +80,17 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
             t_fsdp += nbytes if "embedding" in names or (fused and "unembed" in names) else 0.0
         else:
             p_rest += nbytes
+        if d > 1 and "data" in _axes(update.spec):
+            split += nbytes / (f if "fsdp" in axes else 1)
     k = setup.optim_cfg.grad_accum_steps
     out = {"all-gather": k * (2 * p_fsdp - t_fsdp), "reduce-scatter": k * p_fsdp, "all-reduce": 0.0}
     if d * f > 1:
         out["all-reduce"] += p_rest
     if d > 1:
         out["all-reduce"] += p_fsdp / f
+    out["all-reduce"] -= split
+    out["reduce-scatter"] += split
+    out["all-gather"] += split
     if t > 1:
         cfg = setup.model_cfg
         rows, length = batch["inputs"].shape

@@ -51,6 +51,25 @@ def check_divisible(abstract_tree: Any, mesh: Mesh, rules: Rules) -> None:
         raise ValueError(min(bad)[2])
 
 
+def split_update(sharding: jax.sharding.NamedSharding, shape: tuple[int, ...],
+                 axis: str = "data") -> jax.sharding.NamedSharding:
+    """`sharding` with `axis` added on one more dimension: the largest one that no other mesh
+    axis splits and that `axis` divides (unchanged when there is none, or `axis` has size 1).
+
+    The weight update's sharding (Xu et al. 2020, "Automatic cross-replica sharding of weight
+    update"): gradients reduce-scattered over data, each replica updates its 1/d of the
+    weights and optimizer state, and the new weights are all-gathered: the link bytes of the
+    gradient all-reduce, with the optimizer's work and memory split d ways."""
+    size = sharding.mesh.shape[axis]
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    free = [i for i, (n, e) in enumerate(zip(shape, spec)) if e is None and n % size == 0]
+    if size == 1 or not free or any(axis in ((e,) if isinstance(e, str) else e) for e in spec if e):
+        return sharding
+    dim = max(free, key=lambda i: (shape[i], -i))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+        *spec[:dim], axis, *spec[dim + 1:]))
+
+
 _PRIORITY = ("heads", "kv_heads", "mlp", "embed", "vocab", "head_dim")
 
 

@@ -7,7 +7,8 @@
     sums = setup.eval_step(state, batch)         # nll_sum, correct, tokens
 
 Data flow: jax.eval_shape(init) gives the state boxed with logical axis names -> rules ->
-NamedShardings -> `abstract_state` (ShapeDtypeStructs with shardings, what a checkpoint
+NamedShardings (the optimizer state's also split over data: parallel/partition.py:
+split_update) -> `abstract_state` (ShapeDtypeStructs with shardings, what a checkpoint
 restore wants) -> jit(init, out_shardings) and jit(step, in/out_shardings, donate).
 Everything is traced under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`. Steps
 are compiled ahead of time once per batch shape; `compiled_train_step(batch)` hands out
@@ -28,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from transformer_jax.config import ConfigError
 from transformer_jax.models import ModelConfig, build_model
-from transformer_jax.parallel.partition import check_divisible, logical_shardings
+from transformer_jax.parallel.partition import check_divisible, logical_shardings, split_update
 from transformer_jax.parallel.rules import Rules
 from transformer_jax.train.flops import train_flops
 from transformer_jax.train.losses import (SUMS, TaskConfig, batch_loss_sums, check_mlm_batch, init_inputs,
@@ -61,9 +62,15 @@ class TrainSetup:
         with self.context():
             boxed = jax.eval_shape(self._boxed_init)
             check_divisible(boxed, self.mesh, self.rules)
-            self.state_shardings: TrainState = logical_shardings(boxed, self.mesh, self.rules)
+            shardings: TrainState = logical_shardings(boxed, self.mesh, self.rules)
+        # The weight update runs split over data (parallel/partition.py: split_update): gradients
+        # and the optimizer state in `update_shardings`, the weights themselves replicated.
+        unboxed = nn.unbox(boxed)
+        split = lambda ss, xs: jax.tree.map(lambda s, x: split_update(s, x.shape), ss, xs)  # noqa: E731
+        self.update_shardings = split(shardings.params, unboxed.params)
+        self.state_shardings = shardings.replace(opt_state=split(shardings.opt_state, unboxed.opt_state))
         self.abstract_state: TrainState = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), self.state_shardings)
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, self.state_shardings)
         self.param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params))
         self.frozen = frozen_mask(self.abstract_state.params, self.optim_cfg, lora)  # True: never updated
         self.trainable_count = sum(math.prod(x.shape) for x, f in zip(
@@ -160,9 +167,9 @@ class TrainSetup:
 
         Data parallelism is written out (`jax.shard_map`, manual over the `data` axis; fsdp and
         tensor stay with GSPMD): each data replica sums its own rows' gradients over all its
-        microbatches and the output layer's chunks, and the replicas then add them up with one
-        psum per step: the textbook single all-reduce of the gradients. Left to GSPMD, the
-        partial sums are reduced inside every loop (per microbatch, per loss chunk) and the tied
+        microbatches and the output layer's chunks, and the replicas then add them up once per
+        step, reduce-scattered into `update_shardings`: the textbook single reduction of the
+        gradients. Left to GSPMD, the partial sums are reduced inside every loop (per microbatch, per loss chunk) and the tied
         embedding's two uses separately. With dropout on, masks are drawn for the global batch
         shape (the same on any mesh), so that path stays with GSPMD."""
         k = self.optim_cfg.grad_accum_steps
@@ -175,12 +182,22 @@ class TrainSetup:
             return self._local_grads(params, batch, key, self.rules)
         rules = tuple((name, _without(axes, "data")) for name, axes in self.rules)
 
+        dims = jax.tree.map(lambda s: next((i for i, e in enumerate(s.spec) if e == "data"), -1),
+                            self.update_shardings)
+        if self.mesh.shape["fsdp"] * self.mesh.shape["tensor"] > 1:
+            # psum_scatter under a partly manual shard_map gathers the array over the other
+            # (GSPMD) axes first; there the psum's all-reduce is sliced into update_shardings
+            dims = jax.tree.map(lambda i: -1, dims)
+        grad_specs = jax.tree.map(lambda i: P() if i < 0 else P(*[None] * i, "data"), dims)
+
         def replica(params, batch):
             with nn.logical_axis_rules(rules):
                 grads, sums = self._local_grads(params, batch, None, rules)
-            return jax.lax.psum((grads, sums), "data")
+            scatter = lambda g, i: (jax.lax.psum(g, "data") if i < 0  # noqa: E731
+                                    else jax.lax.psum_scatter(g, "data", scatter_dimension=i, tiled=True))
+            return jax.tree.map(scatter, grads, dims), jax.lax.psum(sums, "data")
 
-        return jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), P("data")), out_specs=(P(), P()),
+        return jax.shard_map(replica, mesh=self.mesh, in_specs=(P(), P("data")), out_specs=(grad_specs, P()),
                              axis_names={"data"}, check_vma=False)(params, batch)
 
     def _local_grads(self, params, batch, key, rules: Rules) -> tuple[Any, dict[str, jax.Array]]:
@@ -210,6 +227,7 @@ class TrainSetup:
     def _train_step(self, state: TrainState, batch):
         key = state.step_key() if self.model_cfg.dropout_rate > 0 else None  # threefry only when used
         grads, sums = self._grads(state.params, batch, key)
+        grads = jax.lax.with_sharding_constraint(grads, self.update_shardings)
         denom = jnp.maximum(sums["tokens"], 1.0)  # the mean is over real targets of the whole global batch
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
@@ -220,6 +238,7 @@ class TrainSetup:
         params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, direction)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         params, opt_state = jax.tree.map(keep, (params, opt_state), (state.params, state.opt_state))
+        params = jax.lax.with_sharding_constraint(params, self.update_shardings)  # then all-gathered
         skipped = 1.0 - finite.astype(jnp.float32)
         metrics = dict(loss=loss, nll=sums["nll"] / denom, accuracy=sums["correct"] / denom,
                        z_loss=sums["z_loss"] / denom, grad_norm=grad_norm, learning_rate=lr, tokens=sums["tokens"],
