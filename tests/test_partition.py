@@ -89,7 +89,7 @@ def test_split_update_adds_data_on_the_largest_free_dimension():
     assert spec((8, 16)) == P(None, "data")  # the largest
     assert spec((8, 16), None, "tensor") == P("data", "tensor")  # one no other axis splits
     assert spec((6, 8, 4)) == P(None, "data", None)  # one data divides
-    assert spec((6, 3)) == P() and spec((8, 2), None, "tensor") == P(None, "tensor")  # none: unchanged
+    assert spec((6, 3)) == P() and spec((6, 8), None, "tensor") == P(None, "tensor")  # none: unchanged
     assert spec((8, 8), ("data", "tensor")) == P(("data", "tensor"))  # data already there
     one = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 3)
     assert split_update(jax.sharding.NamedSharding(one, P()), (8, 8)).spec == P()  # data of size 1
