@@ -90,3 +90,32 @@ class EmbedTest(chex.TestCase):
         chex.assert_shape(bias, (2, 4, 7, 7))
         # Equal distances get equal biases (a Toeplitz matrix per head).
         chex.assert_trees_all_close(bias[0, :, 1, 0], bias[0, :, 5, 4])
+
+
+def test_lookup_from_a_table_split_along_embed_runs_in_each_devices_columns():
+    """FSDP (8 fake devices, rows and the table's columns split over fsdp): the lookup neither
+    gathers the table nor reduces its gradient, and gives the one-device values."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from transformer_jax.parallel import MeshConfig, get_rules, make_mesh
+    V, D, B, L = 512, 64, 8, 16
+    embed = Embed(V, D)
+    table = {"params": {"embedding": jax.random.normal(jax.random.key(0), (V, D))}}
+    tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V)
+    cot = jax.random.normal(jax.random.key(2), (B, L, D))
+    loss = lambda t, x: jnp.sum(embed.apply(t, x) * cot)  # noqa: E731
+    want = jax.value_and_grad(loss)(table, tokens)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1, preset="fsdp"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules("fsdp")):
+        args = (jax.device_put(table, NamedSharding(mesh, P(None, "fsdp"))),
+                jax.device_put(tokens, NamedSharding(mesh, P("fsdp"))))
+        step = jax.jit(jax.value_and_grad(loss)).lower(*args).compile()
+        got = step(*args)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got[1]["params"]["embedding"].sharding.spec == P(None, "fsdp")
+    text = step.as_text()
+    for op in ("all-gather", "all-reduce", "reduce-scatter"):
+        for line in text.splitlines():
+            if f" {op}(" in line or f" {op}-start(" in line:
+                assert f"[{V}," not in line.split("=")[1], line  # nothing table-sized moves

@@ -9,13 +9,17 @@ all-reduce's or reduce-scatter's operand), as "How to Scale Your Model" (ch. 5) 
 ring link bytes follow from them (hlo_analysis.py). Over a mesh (data d, fsdp f, tensor t),
 with P_f the gradient bytes of the parameters split over fsdp and P_r those of the others,
 both per tensor shard, T_f the part of P_f in tables (embeddings, and the untied output layer
-when the loss is fused), and A one [batch rows per device, length, d_model] activation:
+when the loss is fused), E_f the part in untied token tables, and A one [batch rows per device,
+length, d_model] activation:
 
-    all-gather      2 P_f - T_f       FSDP: every weight gathered for the forward and again for the backward,
+    all-gather      2 P_f - T_f - E_f FSDP: every weight gathered for the forward and again for the backward,
                                         except T_f, the tables: an embedding lookup's backward needs no
                                         weights, nor does a fused output layer's (train/fused_loss.py
-                                        makes dW in the forward pass), so a table is gathered once
-    reduce-scatter  P_f               FSDP: every gradient reduce-scattered once per step
+                                        makes dW in the forward pass), so a table is gathered once, and
+                                        a token table the output layer does not share not at all (its
+                                        lookup runs in each device's columns: layers/embeddings.py)
+    reduce-scatter  P_f - E_f         FSDP: every gradient reduce-scattered once per step, except an
+                                        untied token table's, whole in each device's columns
     all-reduce      P_r (d f > 1)     DP: every replicated gradient all-reduced once per step,
                     + P_f / f (d > 1)     the FSDP shards of the others across data replicas
                     + A (t > 1, the fused loss in more than one chunk: its dh, chunk by chunk)
@@ -68,7 +72,7 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
     mesh = setup.mesh
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     fused = bool(setup.task_cfg.loss_chunk) and setup.task_cfg.task in FUSED_TASKS
-    p_fsdp = p_rest = t_fsdp = split = 0.0
+    p_fsdp = p_rest = t_fsdp = e_fsdp = split = 0.0
     leaves = zip(jax.tree_util.tree_leaves_with_path(setup.abstract_state.params),
                  jax.tree.leaves(setup.update_shardings))
     for (path, x), update in leaves:
@@ -78,12 +82,14 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
             p_fsdp += nbytes
             names = {str(getattr(k, "key", k)) for k in path}
             t_fsdp += nbytes if "embedding" in names or (fused and "unembed" in names) else 0.0
+            e_fsdp += nbytes if {"token", "embedding"} <= names and not setup.model_cfg.tie_embeddings else 0.0
         else:
             p_rest += nbytes
         if d > 1 and "data" in _axes(update.spec):
             split += nbytes / (f if "fsdp" in axes else 1)
     k = setup.optim_cfg.grad_accum_steps
-    out = {"all-gather": k * (2 * p_fsdp - t_fsdp), "reduce-scatter": k * p_fsdp, "all-reduce": 0.0}
+    out = {"all-gather": k * (2 * p_fsdp - t_fsdp - e_fsdp), "reduce-scatter": k * (p_fsdp - e_fsdp),
+           "all-reduce": 0.0}
     if d * f > 1:
         out["all-reduce"] += p_rest
     if d > 1:

@@ -34,8 +34,16 @@ class Embed(nn.Module):
             (self.vocab_size, self.features), self.param_dtype)
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
-        # Gather from a table whole along embed (fsdp all-gathers it, as for any weight);
-        # a table split on both dims makes the SPMD partitioner replicate it instead.
+        if nn.logical_to_mesh_axes(("embed",))[0] is not None:
+            # A table split along embed (FSDP): every device looks up all rows of the batch in
+            # its own columns, and the result is resharded to its rows: activation bytes, not the
+            # table gathered, and the lookup's gradient comes out whole in each device's columns
+            # (no [V, D] scatter-add per device to be reduced).
+            tokens_BL = nn.with_logical_constraint(tokens_BL, (None, None))
+            x_BLD = jnp.take(self.embedding, tokens_BL, axis=0).astype(self.dtype)
+            return nn.with_logical_constraint(x_BLD, (None, None, "embed"))
+        # Otherwise gather from a table whole along embed; split on both dims, the SPMD
+        # partitioner would replicate it.
         table = nn.with_logical_constraint(self.embedding, ("vocab", None))
         return jnp.take(table, tokens_BL, axis=0).astype(self.dtype)
 

@@ -36,14 +36,15 @@ def hidden_and_output_weight(model: Any, variables: dict, *args, **kwargs) -> tu
     (g = `batch_shards`, 1 off a mesh), read by both the input lookup and the output layer.
     The copies' gradients add up in place, and summing them over g (the broadcast's transpose)
     is the table's one reduction per step; with the [V, D] table itself, GSPMD reduces the two
-    uses' partial gradients separately."""
+    uses' partial gradients separately. A table split along embed (FSDP) is read directly: its
+    lookup's gradient then needs no reduction at all (layers/embeddings.py)."""
     tables: dict = {}  # Embedder path -> [g, V, D] copies of its tied table
 
     def shared(path, table, rows):
         """The copies, or None with one batch group (nothing to gain)."""
         g = batch_shards(rows)
-        if g == 1:
-            return None
+        if g == 1 or nn.logical_to_mesh_axes(("embed",))[0] is not None:  # (split along embed, the
+            return None  # lookup's gradient needs no reduction: layers/embeddings.py)
         if path not in tables:
             table_g = jnp.broadcast_to(table[None], (g, *table.shape))
             tables[path] = nn.with_logical_constraint(table_g, ("batch", "vocab", None))
