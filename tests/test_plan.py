@@ -146,6 +146,18 @@ def test_prediction_is_the_stated_arithmetic(measured):
     assert p["fits"] and not predict(m, tiny, 8, B * L)["fits"]
 
 
+def test_the_split_weight_update_is_not_hidden(measured):
+    # DP's reduce-scatter of the gradients (after the backward) and all-gather of the new weights
+    # (after Adam) have nothing left to overlap with: on the step's path even on an overlapping chip
+    cfg, m = measured["dp"]
+    chip = CHIPS["v5p"]
+    update = 2 * _param_bytes(_setup(cfg)) * 7 / 8  # every f32 weight, split over data=8
+    assert m["update_link_bytes"] == pytest.approx(update, rel=0.01)
+    p = predict(m, chip, devices=8, tokens=B * L)
+    assert p["comm_exposed_s"] >= 0.99 * update / chip.link_bandwidth > 0
+    assert p["comm_exposed_s"] == pytest.approx(p["comm_s"], rel=0.01)  # nothing else to hide in dp
+
+
 def test_report_shows_textbook_beside_measured_and_one_mfu(measured):
     cfg, m = measured["dp"]
     result = dict(name="x", devices=8, tokens=B * L, batch=B, seq_len=L, notes=[], suggestion=None,

@@ -72,10 +72,8 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
     mesh = setup.mesh
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     fused = bool(setup.task_cfg.loss_chunk) and setup.task_cfg.task in FUSED_TASKS
-    p_fsdp = p_rest = t_fsdp = e_fsdp = split = 0.0
-    leaves = zip(jax.tree_util.tree_leaves_with_path(setup.abstract_state.params),
-                 jax.tree.leaves(setup.update_shardings))
-    for (path, x), update in leaves:
+    p_fsdp = p_rest = t_fsdp = e_fsdp = 0.0
+    for path, x in jax.tree_util.tree_leaves_with_path(setup.abstract_state.params):
         axes = _axes(x.sharding.spec)
         nbytes = math.prod(x.shape) * x.dtype.itemsize / (t if "tensor" in axes else 1)
         if f > 1 and "fsdp" in axes:
@@ -85,8 +83,6 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
             e_fsdp += nbytes if {"token", "embedding"} <= names and not setup.model_cfg.tie_embeddings else 0.0
         else:
             p_rest += nbytes
-        if d > 1 and "data" in _axes(update.spec):
-            split += nbytes / (f if "fsdp" in axes else 1)
     k = setup.optim_cfg.grad_accum_steps
     out = {"all-gather": k * (2 * p_fsdp - t_fsdp - e_fsdp), "reduce-scatter": k * (p_fsdp - e_fsdp),
            "all-reduce": 0.0}
@@ -94,6 +90,7 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
         out["all-reduce"] += p_rest
     if d > 1:
         out["all-reduce"] += p_fsdp / f
+    split = update_split_bytes(setup)
     out["all-reduce"] -= split
     out["reduce-scatter"] += split
     out["all-gather"] += split
@@ -108,6 +105,16 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
         out["reduce-scatter"] += (4 * cfg.num_layers + 2 - chunked) * act
         out["all-reduce"] += chunked * act
     return out
+
+
+def update_split_bytes(setup: Any) -> float:
+    """U: the bytes of the gradients whose update is split over data, per fsdp x tensor shard
+    (each is reduce-scattered over data, and its weight all-gathered, once per step)."""
+    if setup.mesh.shape["data"] == 1:
+        return 0.0
+    return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                     for x, u in zip(jax.tree.leaves(setup.abstract_state.params), jax.tree.leaves(setup.update_shardings))
+                     if "data" in _axes(u.spec)))
 
 
 def measured_bytes(stats: Any) -> dict[str, float]:

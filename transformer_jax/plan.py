@@ -120,7 +120,7 @@ def train_setup(cfg, devices: int):
 
 def _compile_once(cfg, devices: int, setup=None) -> dict:
     import jax
-    from transformer_jax.collectives import textbook_bytes
+    from transformer_jax.collectives import textbook_bytes, update_split_bytes
     from transformer_jax.hlo_analysis import analyze_hlo
     from transformer_jax.train.flops import remat_flops
 
@@ -145,6 +145,8 @@ def _compile_once(cfg, devices: int, setup=None) -> dict:
         ops=_compact_ops(hlo), dots=hlo.dots, collective_ops=hlo.collective_ops, unknown_loops=len(hlo.unknown_loops), sliced_all_reduces=hlo.sliced_all_reduces,
         collectives={k: dataclasses.asdict(v) for k, v in hlo.collectives.items()},
         textbook=textbook_bytes(setup, batch),
+        # DP's split weight update: reduce-scatter + all-gather of U over data, both ring link bytes
+        update_link_bytes=2 * update_split_bytes(setup) * (1 - 1 / setup.mesh.shape["data"]),
         mesh=_mesh_str(mesh_cfg_of(cfg, devices)), preset=cfg.mesh.preset)
 
 
@@ -178,7 +180,8 @@ def measure(cfg, devices: int, layers: int | None = None, setup=None) -> dict:
     x = (full - layers) / (k2 - layers)
     lin = lambda u, v: u + (v - u) * x  # noqa: E731
     out = dict(a, **exact)
-    for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "dot_flops", "hbm_bytes"):
+    for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "dot_flops", "hbm_bytes",
+                "update_link_bytes"):
         out[key] = lin(a[key], b[key])
     out["collectives"] = {k: {f: lin(a["collectives"][k][f], b["collectives"][k][f]) for f in a["collectives"][k]}
                           for k in a["collectives"]}
@@ -229,8 +232,10 @@ def predict(m: dict, chip, devices: int, tokens: int) -> dict:
     comm = {k: v["link_bytes"] / chip.link_bandwidth for k, v in m["collectives"].items()}
     comm_s = sum(comm.values())
     # Weight all-gathers and gradient reduce-scatters run ahead of / behind the layer that needs
-    # them (XLA's async collectives); all-reduces (TP activations, DP gradients) wait.
-    hidden = comm["all-gather"] + comm["reduce-scatter"] if chip.overlaps_collectives else 0.0
+    # them (XLA's async collectives); all-reduces (TP activations) wait, and so does DP's split
+    # update (its gradients reduce-scattered after the backward, its weights gathered after Adam).
+    update = m.get("update_link_bytes", 0.0) / chip.link_bandwidth
+    hidden = max(0.0, comm["all-gather"] + comm["reduce-scatter"] - update) if chip.overlaps_collectives else 0.0
     exposed = comm_s - hidden + max(0.0, hidden - compute)
     efficiency, calibration = chip.matmul_efficiency, None
     if "cpu" in m and chip.name == "cpu":  # this host: the step's parts timed alone (plan_cpu.py)
