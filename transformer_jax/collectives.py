@@ -30,7 +30,11 @@ and an all-gather of the new weights instead of an all-reduce (the same link byt
 
     all-reduce      - U               reduce-scatter + U      all-gather + U
 
-and, with tensor parallelism (t > 1), Megatron's activation traffic with sequence parallelism
+FSDP's token lookup (layers/embeddings.py) adds an all-to-all forward and one backward, of at most
+A each: fewer bytes than gathering and reduce-scattering the table whenever a device holds fewer
+tokens than the vocabulary has rows (not one of the three kinds above).
+
+And, with tensor parallelism (t > 1), Megatron's activation traffic with sequence parallelism
 (Korthikanti et al. 2022: the residual stream split over tensor along length, layers/blocks.py):
 
     all-gather      + (4 N + 2) A     per layer 2 forward (the attention and MLP inputs, gathered
