@@ -10,9 +10,9 @@ chip, remat "dots" (without it: 23 GiB per chip); bf16 compute, f32 master param
 attention (head_dim 64, zero-padded to the 128 lanes).
 
 Expected -- a `plan` PREDICTION for 8 x v5e, not a measurement:
-14.1 GiB of the 15.2 GiB usable per chip; 46,766 to 230,502 tokens/s/chip, MFU 20% to 100%
-(step 284 to 1,401 ms: matmuls 284 ms at peak, collectives 50 ms;
-the top assumes collectives overlap and matmuls at peak, the bottom XLA:CPU's fusion with nothing overlapped).
+12.5 GiB of the 15.2 GiB usable per chip; step 1,268 ms, 51,676 tokens/s/chip, MFU 22%
+(matmuls 355 ms at 80% of peak, memory-bound ops 909 ms, communication not hidden 4 ms of 28;
+bounds: 284 ms with everything overlapped at full peak, 1,268 ms with nothing overlapped).
 
 Data: tfds:lm1b (One Billion Word, ~4 GB, downloaded and prepared on first use into
 $TRANSFORMER_JAX_DATA_DIR; its eval split is "test"). OpenWebText is not in the TFDS catalog:

@@ -9,9 +9,9 @@ of 16 rows per chip, remat "dots" (one microbatch: 93 GiB per chip, over the 90 
 bf16 compute, f32 master parameters; splash attention (head_dim 64, zero-padded to 128).
 
 Expected -- a `plan` PREDICTION for 16 x v5p, not a measurement:
-48.3 GiB of the 90.2 GiB usable per chip; 15,553 to 44,676 tokens/s/chip, MFU 35% to 100%
-(step 733 to 2,107 ms: matmuls 733 ms at peak, collectives 218 ms;
-the top assumes collectives overlap and matmuls at peak, the bottom XLA:CPU's fusion with nothing overlapped).
+47.3 GiB of the 90.2 GiB usable per chip; step 1,829 ms, 17,918 tokens/s/chip, MFU 40%
+(matmuls 917 ms at 80% of peak, memory-bound ops 910 ms, communication not hidden 2 ms of 192;
+bounds: 733 ms with everything overlapped at full peak, 1,835 ms with nothing overlapped).
 
 Data: tfds:lm1b (see gpt2_small.py).
 """

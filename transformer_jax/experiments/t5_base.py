@@ -4,15 +4,18 @@
     transformer-jax plan --config t5_base --chip v5e             # the prediction below
 
 Hardware: TPU v5e-16 = 16 chips (16 GiB each) on 4 hosts, one ICI domain. Mesh data=16 x
-fsdp=1 x tensor=1, preset dp (plan: 22 ms of gradient all-reduce per step, against 30 ms of
-weight gathers for fsdp=16 and 90 ms for data=4 x fsdp=4). Batch 128 x 512 input tokens with 114-token targets (T5's
+fsdp=1 x tensor=1, preset dp: the least communication (plan: 19 ms per step, the split weight
+update's gradient reduce-scatter and weight all-gather, against 27 ms for fsdp=16 and 29 ms for
+data=4 x fsdp=4). plan assumes FSDP's per-layer gathers hide behind compute and so predicts
+fsdp=16 faster (117 ms per step against 148, 3.3 GiB per chip against 5.5); try it with
+`--set mesh.data=1 --set mesh.fsdp=16 --set mesh.preset=fsdp`. Batch 128 x 512 input tokens with 114-token targets (T5's
 pre-training shape: 15% noise, mean span 3), relative position bias (so attention runs the
 pure-JAX `chunked`/`xla` kernels: splash takes no bias); bf16 compute, f32 master parameters.
 
 Expected -- a `plan` PREDICTION for 16 x v5e, not a measurement:
-11.3 GiB of the 15.2 GiB usable per chip; 20,423 to 136,674 input tokens/s/chip, MFU 9% to 58%
-(step 30 to 201 ms: matmuls 17 ms at peak, collectives 23 ms;
-the top assumes collectives overlap and matmuls at peak, the bottom XLA:CPU's fusion with nothing overlapped).
+5.5 GiB of the 15.2 GiB usable per chip; step 148 ms, 27,611 input tokens/s/chip, MFU 12%
+(matmuls 26 ms at 80% of peak, memory-bound ops 104 ms, communication not hidden 19 ms of 19;
+bounds: 19 ms with everything overlapped at full peak, 148 ms with nothing overlapped).
 
 Data: tfds:pg19 (Project Gutenberg books before 1919, ~11 GB; its text field is "book_text").
 T5's C4 needs an Apache Beam preparation; with one, use --set data.source=tfds:c4/en.
