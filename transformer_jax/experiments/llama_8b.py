@@ -11,12 +11,12 @@ compute, f32 master parameters; splash attention. On 8 x H100 the same model nee
 --mesh data=1,fsdp=8 and more remat/accumulation: run `plan --chip h100` first.
 
 Expected -- a `plan` PREDICTION for 32 x v5p (`--layers 2`), not a measurement:
-23.3 GiB of the 90.2 GiB usable per chip; step 4,124 ms, MFU 50.1%, 3,973 tokens/s/chip
-(matmuls 3,231 ms at 80% of peak, memory-bound ops 893 ms, FSDP gathers and scatters hidden:
-55.9 GiB all-gathered and 29.9 GiB reduce-scattered per chip, each 1.00x its textbook bytes);
-hardware FLOPs 1.25x the model's (full remat recomputes the layers' forward but the MLP down
-projection; the unembedding is not recomputed). Footnote range 2,585 ms (all at peak, all
-overlapped, MFU 80%) .. 4,124 ms.
+12.5 GiB of the 90.2 GiB usable per chip; step 3,894 ms, MFU 53.1%, 4,208 tokens/s/chip
+(matmuls 3,231 ms at 80% of peak, memory-bound ops 660 ms, FSDP gathers and scatters hidden:
+54.0 GiB all-gathered and 28.0 GiB reduce-scattered per chip, each 1.00x its textbook bytes,
+and the token lookup's 0.5 GiB all-to-all, 3 ms, not hidden); hardware FLOPs 1.25x the model's
+(full remat recomputes the layers' forward but the MLP down projection; the unembedding is not
+recomputed). Footnote range 2,585 ms (all at peak, all overlapped, MFU 80%) .. 3,894 ms.
 
 Data: tfds:pg19 (text field "book_text"); the tokenizer is trained here, not Meta's.
 """
