@@ -17,6 +17,7 @@ import numpy as np
 
 from transformer_jax.layers import platform
 from transformer_jax.layers.dense import matmul
+from transformer_jax.parallel.partition import logical_shards
 
 
 class Embed(nn.Module):
@@ -34,7 +35,7 @@ class Embed(nn.Module):
             (self.vocab_size, self.features), self.param_dtype)
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:
-        if nn.logical_to_mesh_axes(("embed",))[0] is not None:
+        if logical_shards("embed") > 1:
             # A table split along embed (FSDP): every device looks up all rows of the batch in
             # its own columns, and the result is resharded to its rows: activation bytes, not the
             # table gathered, and the lookup's gradient comes out whole in each device's columns

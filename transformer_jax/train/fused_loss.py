@@ -16,7 +16,6 @@ the logits and uses the unfused loss).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.layers import platform
+from transformer_jax.parallel.partition import logical_shards
 from transformer_jax.train.losses import argmax_hits
 
 F32 = jnp.float32
@@ -43,8 +43,8 @@ def hidden_and_output_weight(model: Any, variables: dict, *args, **kwargs) -> tu
     def shared(path, table, rows):
         """The copies, or None with one batch group (nothing to gain)."""
         g = batch_shards(rows)
-        if g == 1 or nn.logical_to_mesh_axes(("embed",))[0] is not None:  # (split along embed, the
-            return None  # lookup's gradient needs no reduction: layers/embeddings.py)
+        if g == 1 or logical_shards("embed") > 1:  # (split along embed, the lookup's gradient
+            return None  # needs no reduction: layers/embeddings.py)
         if path not in tables:
             table_g = jnp.broadcast_to(table[None], (g, *table.shape))
             tables[path] = nn.with_logical_constraint(table_g, ("batch", "vocab", None))
@@ -64,7 +64,7 @@ def hidden_and_output_weight(model: Any, variables: dict, *args, **kwargs) -> tu
             # Each vocabulary shard looks up the tokens it holds (zeros for the others) and the
             # shards add up: Megatron's vocab-parallel embedding, written with the shard axis in
             # the array (a gather from [g, V, D] split over V crashes XLA's partitioner: jax 0.10.2).
-            t = vocab_shards()
+            t = logical_shards("vocab")
             g, v, d = table_g.shape
             table_gt = nn.with_logical_constraint(table_g.reshape(g, t, v // t, d), ("batch", "vocab", None, None))
             local = tokens_g[:, None] - (jnp.arange(t) * (v // t)).reshape(1, t, *[1] * tokens.ndim)
@@ -110,23 +110,8 @@ def chunk_positions(loss_chunk: int, rows_per_device: int, length: int) -> int:
 def batch_shards(rows: int) -> int:
     """How many devices split the batch rows under the current mesh and logical rules (1 when
     none is set or the rows do not divide)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    axes = nn.logical_to_mesh_axes(("batch",))[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    n = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+    n = logical_shards("batch")
     return n if rows % n == 0 else 1
-
-
-def vocab_shards() -> int:
-    """How many devices split the vocabulary under the current mesh and logical rules."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    axes = nn.logical_to_mesh_axes(("vocab",))[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
 
 
 def _run(h, w, targets, weights, chunk, z_loss, smoothing, dtype, grad: bool):

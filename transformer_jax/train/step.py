@@ -169,8 +169,8 @@ class TrainSetup:
         tensor stay with GSPMD): each data replica sums its own rows' gradients over all its
         microbatches and the output layer's chunks, and the replicas then add them up once per
         step, reduce-scattered into `update_shardings`: the textbook single reduction of the
-        gradients. Left to GSPMD, the partial sums are reduced inside every loop (per microbatch, per loss chunk) and the tied
-        embedding's two uses separately. With dropout on, masks are drawn for the global batch
+        gradients. Left to GSPMD, the partial sums are reduced inside every loop (per
+        microbatch, per loss chunk) and the tied embedding's two uses separately. With dropout on, masks are drawn for the global batch
         shape (the same on any mesh), so that path stays with GSPMD."""
         k = self.optim_cfg.grad_accum_steps
         rows = next(iter(batch.values())).shape[0]
@@ -182,12 +182,12 @@ class TrainSetup:
             return self._local_grads(params, batch, key, self.rules)
         rules = tuple((name, _without(axes, "data")) for name, axes in self.rules)
 
-        dims = jax.tree.map(lambda s: next((i for i, e in enumerate(s.spec) if e == "data"), -1),
+        # The dimension each gradient is reduce-scattered along, or -1: psum. psum_scatter under a
+        # partly manual shard_map gathers the array over the other (GSPMD) axes first, so with
+        # fsdp or tensor the psum's all-reduce is sliced into update_shardings instead.
+        scatter_ok = self.mesh.shape["fsdp"] * self.mesh.shape["tensor"] == 1
+        dims = jax.tree.map(lambda s: s.spec.index("data") if scatter_ok and "data" in s.spec else -1,
                             self.update_shardings)
-        if self.mesh.shape["fsdp"] * self.mesh.shape["tensor"] > 1:
-            # psum_scatter under a partly manual shard_map gathers the array over the other
-            # (GSPMD) axes first; there the psum's all-reduce is sliced into update_shardings
-            dims = jax.tree.map(lambda i: -1, dims)
         grad_specs = jax.tree.map(lambda i: P() if i < 0 else P(*[None] * i, "data"), dims)
 
         def replica(params, batch):
