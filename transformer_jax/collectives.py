@@ -116,9 +116,9 @@ def update_split_bytes(setup: Any) -> float:
     (each is reduce-scattered over data, and its weight all-gathered, once per step)."""
     if setup.mesh.shape["data"] == 1:
         return 0.0
+    params, updates = jax.tree.leaves(setup.abstract_state.params), jax.tree.leaves(setup.update_shardings)
     return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                     for x, u in zip(jax.tree.leaves(setup.abstract_state.params), jax.tree.leaves(setup.update_shardings))
-                     if "data" in _axes(u.spec)))
+                     for x, u in zip(params, updates) if "data" in _axes(u.spec)))
 
 
 def measured_bytes(stats: Any) -> dict[str, float]:

@@ -29,7 +29,7 @@ def _replicate_the_rest(rules: Rules) -> Rules:
 
 
 PRESETS: dict[str, Rules] = {name: _replicate_the_rest(rules) for name, rules in {
-    "dp": _BATCH,  # params replicated, gradients all-reduced
+    "dp": _BATCH,  # params replicated; gradients reduce-scattered, the update split over data (split_update)
     "fsdp": _BATCH + _FSDP,  # params, grads, optimizer state sharded over fsdp; all-gathered per layer
     "tp": _BATCH + _TENSOR,  # Megatron: heads and mlp split over tensor; the residual stream
     # ("seq") split along length too (sequence parallelism): gathered per sublayer, reduce-scattered back

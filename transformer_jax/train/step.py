@@ -170,8 +170,9 @@ class TrainSetup:
         microbatches and the output layer's chunks, and the replicas then add them up once per
         step, reduce-scattered into `update_shardings`: the textbook single reduction of the
         gradients. Left to GSPMD, the partial sums are reduced inside every loop (per
-        microbatch, per loss chunk) and the tied embedding's two uses separately. With dropout on, masks are drawn for the global batch
-        shape (the same on any mesh), so that path stays with GSPMD."""
+        microbatch, per loss chunk) and the tied embedding's two uses separately. With dropout
+        on, masks are drawn for the global batch shape (the same on any mesh), so that path
+        stays with GSPMD (its gradients are sliced into `update_shardings` by `_train_step`)."""
         k = self.optim_cfg.grad_accum_steps
         rows = next(iter(batch.values())).shape[0]
         n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
