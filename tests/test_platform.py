@@ -153,18 +153,20 @@ def test_weight_gradient_equals_the_plain_dot(x_cols, g_cols):
     plain = lambda x, g: platform.dot_general(x, g, (((0, 1), (0, 1)), ((), ())))  # noqa: E731
     with platform.cpu_dots("bf16"):
         ours = jax.jit(platform.weight_gradient, static_argnums=2)(x, g, 2)
+        want = jax.jit(plain)(x, g)
         jaxpr = str(jax.make_jaxpr(platform.weight_gradient, static_argnums=2)(x, g, 2))
         with platform.accelerator_dots():
             accel = str(jax.make_jaxpr(platform.weight_gradient, static_argnums=2)(x, g, 2))
     assert ours.shape == (x_cols, g_cols) and ours.dtype == jnp.float32
-    np.testing.assert_allclose(ours, jax.jit(plain)(x, g), rtol=1e-6, atol=1e-6)
+    scale = np.abs(np.asarray(want)).max()  # bf16 products are exact in f32: only the summation order differs
+    assert np.abs(np.asarray(ours) - np.asarray(want)).max() <= 1e-6 * scale
     assert ("optimization_barrier" in jaxpr) == (g_cols < x_cols), jaxpr
     assert "optimization_barrier" not in accel  # accelerators' dots take either layout as it is
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33])
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33, 64])
 def test_a_tied_output_layer_with_few_rows_runs_transposed_on_cpu_with_the_same_logits(rows):
-    """`Embed.attend` with 2-32 float32 rows (decoding) on one CPU device: (E . x^T)^T behind a
+    """`Embed.attend` with 1-32 float32 rows (decoding) on one CPU device: (E . x^T)^T behind a
     barrier; the same logits and gradients as the plain dot, which every other case keeps."""
     from transformer_jax.layers.embeddings import Embed
     embed = Embed(512, 64, dtype=jnp.float32)
@@ -172,7 +174,7 @@ def test_a_tied_output_layer_with_few_rows_runs_transposed_on_cpu_with_the_same_
     x = jax.random.normal(jax.random.key(1), (rows, 1, 64))
     attend = lambda p, x: embed.apply(p, x, method=Embed.attend)  # noqa: E731
     table = nn.meta.unbox(params)["params"]["embedding"]
-    thin = 2 <= rows <= 32
+    thin = 1 <= rows <= 32
     assert ("optimization_barrier" in str(jax.make_jaxpr(attend)(params, x))) == thin
     np.testing.assert_allclose(jax.jit(attend)(params, x), x @ table.T, rtol=1e-5, atol=1e-5)
     loss = lambda x: jnp.sum(jnp.sin(attend(params, x)))  # noqa: E731
