@@ -182,3 +182,32 @@ def test_bf16_decoding_runs_batched_and_starts_with_the_forward_argmax():
     assert out.tokens.shape == (2, 4) and (out.lengths == 4).all()
     first = jnp.argmax(model.apply({"params": params}, jnp.asarray(prompts))[:, -1], -1)
     np.testing.assert_array_equal(out.tokens[:, 0], np.asarray(first))
+
+
+@pytest.mark.parametrize("v", [256, 384, 100])
+def test_greedy_is_argmax_with_ties_and_nan(v):
+    """Two-pass argmax: the first maximum, as `jnp.argmax` gives, also where ties cross blocks
+    and where a row holds NaN (argmax's maximum); a vocabulary not a multiple of the block too."""
+    rng = np.random.default_rng(v)
+    logits = rng.integers(0, 4, (64, v)).astype(np.float32)  # many ties, in several blocks
+    logits[3, rng.integers(0, v, 3)] = np.nan
+    logits[5] = -np.inf
+    got = jax.jit(decode.greedy)(jnp.asarray(logits))
+    np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(logits), -1))
+    assert got.dtype == jnp.int32
+
+
+def test_one_row_decoding_reads_the_tied_output_layer_as_a_gemv():
+    """At batch 1 the tied output layer is a dot of the table against the row ([V, 1]), which
+    XLA:CPU gives its GEMV, not a vector-matrix dot fused with the final norm into an
+    elementwise loop (1.6x slower on the bench model's table)."""
+    model = build_model(get_config("gpt2-tiny"))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    tokens, seg, pos, lengths = decode.left_pad([[5, 6, 7]])
+    hlo = decode._generate.lower(decode.decoding_model(model), params, tokens, seg, pos, jnp.asarray(lengths),
+                                 jax.random.key(0), None, None, max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0,
+                                 eos_id=None, pad_id=0).compile().as_text()
+    v = model.config.vocab_size
+    assert re.search(rf"= f32\[{v},1\]\{{1,0\}} dot\(", hlo), "no [V, 1] GEMV of the table"
+    fused = [c for c in hlo.split("\n\n") if " dot(" in c and f"f32[{v}]" in c.split("\n")[0]]
+    assert not fused, fused[0][:300]

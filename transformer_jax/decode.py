@@ -61,10 +61,24 @@ def filter_logits(logits_BV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -
     return logits_BV
 
 
+def greedy(logits_BV: jax.Array, block: int = 128) -> jax.Array:
+    """argmax over the vocabulary [B] (ties and NaN as `jnp.argmax`: the first index), as the
+    argmax within the block of `block` columns that holds the first maximum of the block maxima.
+    XLA:CPU's argmax, a reduction of (value, index) pairs, runs ~10x slower than a max: on the
+    bench model's [8, 32768] logits 0.60 -> 0.11 ms (2.1 -> 0.26 at 32 rows), per decode step."""
+    b, v = logits_BV.shape
+    if v % block:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    blocks_BNW = logits_BV.reshape(b, v // block, block)
+    best_B = jnp.argmax(jnp.max(blocks_BNW, axis=-1), axis=-1)
+    row_BW = jnp.take_along_axis(blocks_BNW, best_B[:, None, None], axis=1)[:, 0]
+    return (best_B * block + jnp.argmax(row_BW, axis=-1)).astype(jnp.int32)
+
+
 def sample(rng, logits_BV, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Next tokens [B]: argmax when temperature == 0, else a draw from the filtered softmax."""
     if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return greedy(logits_BV)
     logits_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
