@@ -103,6 +103,26 @@ day: x hf 2.10 / 1.70 / 1.37):
 --fill-batch 1,8,32 --repeats 7`) gave jax 11.3 and 13.9 (1.23, per round 0.96-1.81): per-round
 ratios spread this wide on this machine, while the cost that remains, reading the longer cache
 (57 MB against 6.3 at batch 8, f32), is fixed by memory bandwidth.
+
+Later on 2026-12-05, on a quiet 2-core Intel Xeon (avx512; load average 0.9-1.7), same versions, same
+command, after the 1-row output layer became the table's GEMV (XLA had fused the vector-matrix dot
+with the final norm into an elementwise loop: 3.7 -> 2.3 ms a step) and greedy argmax took two
+passes (block maxima, then the block); before them, the same day and machine: 10.1 / 16.3 / 43.3
+ms/step against HF's 8.9 / 22.9 / 44.8 (x hf 0.89 / 1.41 / 1.04):
+
+| batch | jax ms/step | hf ms/step | x hf |
+|---|---|---|---|
+| 1 | 8.5 | 9.1 | 1.07 |
+| 8 | 16.9 | 25.0 | 1.47 |
+| 32 | 40.5 | 45.7 | 1.13 |
+
+(greedy tokens all equal); cache fill at batch 8: jax 11.9 ms/step with a 32-slot cache, 18.1 with a
+288-slot one (1.52, per round 1.35-1.72), hf 17.9 and 28.6 (1.59). A profile of the batch-8 step over
+288 slots (jax.profiler) puts every large op near this machine's bandwidth: the attention dots read
+the cache at ~13 GB/s (4.3 ms a step), the weights' GEMMs at 10-16 GB/s. At batch 1 about 2 ms of
+the 9.8 ms step over 288 slots are copies of the KV cache that XLA adds when it fuses a layer's
+cache update twice (once for the carried cache, once for the attention dot that reads it through a
+bitcast, which only a batch of 1 has); batch 2 and up update it in place.
 """
 from __future__ import annotations
 
