@@ -164,3 +164,21 @@ def test_nnx_bridge_on_a_mesh_has_linen_gradients():
         lambda p: _nnx_loss(model.apply({"params": p}, tokens[:, :-1]), tokens)))(params)
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
     chex.assert_trees_all_close(jax.device_get(nnx.to_pure_dict(got_grads)), want_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_logical_shards_counts_mesh_axes_and_optionally_only_automatic_ones():
+    """Off a mesh 1; on data=2 x fsdp=4, "batch" is split 8 ways, and inside a shard_map manual
+    over data only fsdp's 4 are left to the partitioner."""
+    from transformer_jax.parallel import MeshConfig, make_mesh
+    from transformer_jax.parallel.partition import logical_shards
+    assert logical_shards("batch") == 1
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4, tensor=1, preset="fsdp"))
+    seen = {}
+
+    def inner(x):
+        seen["manual"] = (logical_shards("batch"), logical_shards("batch", manual=False))
+        return x
+    with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules("fsdp")):
+        assert (logical_shards("batch"), logical_shards("batch", manual=False), logical_shards("embed")) == (8, 8, 4)
+        jax.jit(jax.shard_map(inner, in_specs=P("data"), out_specs=P("data"), axis_names={"data"}))(jnp.zeros(8))
+    assert seen["manual"] == (8, 4)

@@ -5,9 +5,9 @@
 
 Hardware: TPU v5e-16 = 16 chips (16 GiB each) on 4 hosts, one ICI domain. Mesh data=16 x
 fsdp=1 x tensor=1, preset dp: the least communication (plan: 19 ms per step, the split weight
-update's gradient reduce-scatter and weight all-gather, against 27 ms for fsdp=16 and 29 ms for
+update's gradient reduce-scatter and weight all-gather, against 27 ms for fsdp=16 and 25 ms for
 data=4 x fsdp=4). plan assumes FSDP's per-layer gathers hide behind compute and so predicts
-fsdp=16 faster (117 ms per step against 148, 3.3 GiB per chip against 5.5); try it with
+fsdp=16 faster (118 ms per step against 148, 3.6 GiB per chip against 5.5); try it with
 `--set mesh.data=1 --set mesh.fsdp=16 --set mesh.preset=fsdp`. Batch 128 x 512 input tokens with 114-token targets (T5's
 pre-training shape: 15% noise, mean span 3), relative position bias (so attention runs the
 pure-JAX `chunked`/`xla` kernels: splash takes no bias); bf16 compute, f32 master parameters.

@@ -125,6 +125,33 @@ def t5_relative_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int, ma
     return bucket + jnp.where(rel < max_exact, rel, large)
 
 
+@jax.custom_vjp
+def bucket_lookup(table_KH: jax.Array, buckets: jax.Array) -> jax.Array:
+    """table[buckets]: [..., H] rows of a small [K, H] table, whose gradient is the one-hot
+    contraction sum over positions of one_hot(bucket) x g instead of the gather's scatter-add.
+    The SPMD partitioner runs a contraction over a split batch on each device's rows and sums
+    the [K, H] partials; a scatter-add whose updates are split over an automatic axis it runs
+    by all-gathering the updates and indices first: T5-base on data=4 x fsdp=4, 437 MiB per
+    device per step (`transformer-jax plan --config t5_base`). The one-hot costs memory
+    ([..., K] in g's dtype) where XLA does not fuse it into the contraction, as XLA:CPU does not."""
+    return jnp.take(table_KH, buckets, axis=0)
+
+
+def _bucket_lookup_fwd(table_KH, buckets):
+    return jnp.take(table_KH, buckets, axis=0), (table_KH, buckets)
+
+
+def _bucket_lookup_bwd(res, g):
+    table_KH, buckets = res
+    one_hot = jax.nn.one_hot(buckets, table_KH.shape[0], dtype=g.dtype)  # [..., K]
+    lead = "".join(chr(ord("a") + i) for i in range(buckets.ndim))
+    d_table = jnp.einsum(f"{lead}k,{lead}h->kh", one_hot, g, preferred_element_type=jnp.float32)
+    return d_table.astype(table_KH.dtype), None
+
+
+bucket_lookup.defvjp(_bucket_lookup_fwd, _bucket_lookup_bwd)
+
+
 class RelativePositionBias(nn.Module):
     """T5's learned bias [B, H, Lq, Lk] from query and key positions; shared by all layers of a stack."""
     num_heads: int
@@ -140,5 +167,8 @@ class RelativePositionBias(nn.Module):
                            (self.num_buckets, self.num_heads), self.param_dtype)
         rel_BLS = k_positions_BS[:, None, :].astype(jnp.int32) - q_positions_BL[:, :, None].astype(jnp.int32)
         buckets = t5_relative_bucket(rel_BLS, self.bidirectional, self.num_buckets, self.max_distance)
-        bias_BLSH = jnp.take(table, buckets, axis=0)
+        if logical_shards("batch", manual=False) > 1:  # the rows split over an automatic axis (fsdp)
+            bias_BLSH = bucket_lookup(table, buckets)
+        else:
+            bias_BLSH = jnp.take(table, buckets, axis=0)
         return jnp.transpose(bias_BLSH, (0, 3, 1, 2)).astype(self.dtype)

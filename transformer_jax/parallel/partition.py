@@ -70,15 +70,17 @@ def split_update(sharding: jax.sharding.NamedSharding, shape: tuple[int, ...],
         *spec[:dim], axis, *spec[dim + 1:]))
 
 
-def logical_shards(name: str) -> int:
+def logical_shards(name: str, manual: bool = True) -> int:
     """How many devices split logical axis `name` under the current mesh and logical rules
-    (1 off a mesh)."""
+    (1 off a mesh); manual=False counts only the axes the SPMD partitioner places (not those
+    of an enclosing shard_map)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
     axes = nn.logical_to_mesh_axes((name,))[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+    skip = () if manual else tuple(mesh.manual_axes)
+    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape and a not in skip]))
 
 
 _PRIORITY = ("heads", "kv_heads", "mlp", "embed", "vocab", "head_dim")
