@@ -146,29 +146,32 @@ def test_decoding_on_a_mesh_equals_one_device(lm):
     assert "all-reduce" in hlo
 
 
-def test_generate_compiles_once_and_updates_the_cache_in_place(lm):
+@pytest.mark.parametrize("prompts", [[[5, 6, 7], [8, 9]], [[5, 6, 7]]])
+def test_generate_compiles_once_and_updates_the_cache_in_place(lm, prompts):
     """A second call of the same shapes reuses the compiled loop (no host trace), the
     compiled loop neither copies nor transposes a layer's whole KV cache [B, K, S, D] (each
-    step writes its token's keys/values into the carried buffer), and the prefill projects
-    only each row's last position onto the vocabulary."""
+    step writes its token's keys/values into the carried buffer, after reading it: at batch 1
+    XLA had copied it four times per layer and step), and the prefill projects only each
+    row's last position onto the vocabulary."""
     model, params = lm
-    decode.generate(model, params, [[5, 6, 7], [8, 9]], max_new_tokens=34)
+    b = len(prompts)
+    decode.generate(model, params, prompts, max_new_tokens=34)
     compiled = decode._generate._cache_size()
-    decode.generate(model, params, [[1, 2, 3], [4]], max_new_tokens=34)
+    decode.generate(model, params, [[1, 2, 3], [4]][:b], max_new_tokens=34)
     assert decode._generate._cache_size() == compiled
-    tokens, seg, pos, lengths = decode.left_pad([[5, 6, 7], [8, 9]])
+    tokens, seg, pos, lengths = decode.left_pad(prompts)
     hlo = decode._generate.lower(decode.decoding_model(model), params, tokens, seg, pos, jnp.asarray(lengths),
                                  jax.random.key(0), None, None, max_new_tokens=34, temperature=0.0, top_k=0, top_p=1.0,
                                  eos_id=None, pad_id=0).compile().as_text()
-    cache = "f32[2,2,37,8]"  # batch 2, 2 kv heads, 3 + 34 slots, head_dim 8
+    cache = f"f32[{b},2,37,8]"  # batch b, 2 kv heads, 3 + 34 slots, head_dim 8
     assert "dynamic-update-slice" in hlo and cache in hlo
     moves = [line for line in hlo.splitlines()
              if (m := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) (\w+)\(", line)) and m[2].startswith(cache)
              and ("transpose" in m[1] or m[3] in ("copy", "transpose"))]
     assert not moves, moves[:3]
     v = model.config.vocab_size
-    assert f"f32[2,{v}]" in hlo  # the last position's logits, batch 2
-    assert f"f32[6,{v}]" not in hlo and f"f32[2,3,{v}]" not in hlo  # not all 3 prompt positions
+    assert f"f32[{b},{v}]" in hlo  # the last position's logits
+    assert f"f32[{3 * b},{v}]" not in hlo and f"f32[{b},3,{v}]" not in hlo  # not all 3 prompt positions
 
 
 def test_bf16_decoding_runs_batched_and_starts_with_the_forward_argmax():

@@ -14,7 +14,9 @@ Decoding: initialise the cache with `model.init(rng, tokens_of_max_len, decode=T
 cache takes the input's length), then call with `decode=True, mutable=["cache"]` on a prompt
 chunk (prefill) or one token at a time. Each call writes its keys/values at the cache index
 and attends causally to everything written so far; `q_segment_ids` (0 = padding) let rows of
-a batch hold prompts of different lengths (left-padded).
+a batch hold prompts of different lengths (left-padded). A one-token call (the token loop, with
+`implementation` auto or xla) attends over the cache as it was plus the token's own key/value and
+writes them after (`cached_step_attention`), so the loop updates the cache in place.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.layers.dense import Dense, LoRA, fan_in_init, matmul
-from transformer_jax.layers.dot_product import dot_product_attention
+from transformer_jax.layers.dot_product import cached_step_attention, dot_product_attention
 from transformer_jax.layers.embeddings import apply_rope
 
 
@@ -106,21 +108,42 @@ class MultiHeadAttention(nn.Module):
             q_BLHD = apply_rope(q_BLHD, q_pos, self.rope_theta, self.rope_scaling)
             k_BSKD = apply_rope(k_BSKD, jnp.broadcast_to(k_pos, k_BSKD.shape[:2]), self.rope_theta, self.rope_scaling)
 
-        if caching:
-            k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_offset = self._update_cache(
-                k_BSKD, v_BSKD, q_segment_ids, cache_index, use_cache)
-            causal = True
-        if self.sliding_window is not None and self_attention:
-            mask = _window(lq, k_BSKD.shape[1], q_offset, self.sliding_window, mask)
-
         scale = self.head_dim ** -0.5 if self.logit_scale else 1.0
-        out_BLHD = dot_product_attention(
-            q_BLHD, k_BSKD, v_BSKD, causal=causal, q_offset=q_offset, q_segment_ids=q_segment_ids,
-            kv_segment_ids=kv_segment_ids, bias=bias, mask=mask, scale=scale, implementation=self.implementation)
+        if use_cache and lq == 1 and self.implementation in ("auto", "xla"):  # decoding's token loop
+            out_BLHD = self._cached_step(q_BLHD, k_BSKD, v_BSKD, q_segment_ids, cache_index, mask, bias, scale)
+        else:
+            if caching:
+                k_BSKD, v_BSKD, q_segment_ids, kv_segment_ids, q_offset = self._update_cache(
+                    k_BSKD, v_BSKD, q_segment_ids, cache_index, use_cache)
+                causal = True
+            if self.sliding_window is not None and self_attention:
+                mask = _window(lq, k_BSKD.shape[1], q_offset, self.sliding_window, mask)
+            out_BLHD = dot_product_attention(
+                q_BLHD, k_BSKD, v_BSKD, causal=causal, q_offset=q_offset, q_segment_ids=q_segment_ids,
+                kv_segment_ids=kv_segment_ids, bias=bias, mask=mask, scale=scale, implementation=self.implementation)
         out_BLHD = nn.with_logical_constraint(out_BLHD, ("batch", "length", "heads", "head_dim"))
         out = Dense((d_model,), ("heads", "head_dim", "embed"), in_dims=2, use_bias=self.use_bias, dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=fan_in_init(2, 3), lora=self.lora, name="out")(out_BLHD)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _cached_step(self, q_B1HD, k_B1KD, v_B1KD, segment_ids_B1, cidx, mask, bias, scale):
+        """One token per row: attend over the cache as it was and the token's own key/value
+        (`cached_step_attention`), then write them. The written values carry a zero computed from
+        the attention's output, so XLA orders the in-place write after the read: otherwise it
+        copied every layer's whole cache each step, to keep the old one for the read."""
+        cache_k, cache_v, cache_seg = (self.get_variable("cache", n) for n in ("cached_key", "cached_value",
+                                                                                "segment_ids"))
+        index = cidx.value
+        seg = jnp.ones((q_B1HD.shape[0], 1), jnp.int32) if segment_ids_B1 is None else segment_ids_B1.astype(jnp.int32)
+        if self.sliding_window is not None:
+            mask = _window(1, cache_k.shape[2], index, self.sliding_window, mask)
+        out_B1HD = cached_step_attention(q_B1HD, cache_k, cache_v, k_B1KD.astype(cache_k.dtype),
+                                         v_B1KD.astype(cache_v.dtype), index=index, q_segment_ids=seg,
+                                         kv_segment_ids=cache_seg, mask=mask, bias=bias, scale=scale)
+        o = out_B1HD[:, :1, :1, :1].astype(jnp.float32)
+        after = (o - o).astype(k_B1KD.dtype)  # 0 (NaN only where the output is already NaN)
+        self._update_cache(k_B1KD + after, v_B1KD + after, segment_ids_B1, cidx, True)
+        return out_B1HD
 
     def _update_cache(self, k_BLKD, v_BLKD, segment_ids_BL, cidx, use_cache):
         """Writes the new keys/values at the cache index; returns what to attend over.
