@@ -120,9 +120,14 @@ ms/step against HF's 8.9 / 22.9 / 44.8 (x hf 0.89 / 1.41 / 1.04):
 288-slot one (1.52, per round 1.35-1.72), hf 17.9 and 28.6 (1.59). A profile of the batch-8 step over
 288 slots (jax.profiler) puts every large op near this machine's bandwidth: the attention dots read
 the cache at ~13 GB/s (4.3 ms a step), the weights' GEMMs at 10-16 GB/s. At batch 1 about 2 ms of
-the 9.8 ms step over 288 slots are copies of the KV cache that XLA adds when it fuses a layer's
+the 9.8 ms step over 288 slots were copies of the KV cache that XLA added when it fused a layer's
 cache update twice (once for the carried cache, once for the attention dot that reads it through a
-bitcast, which only a batch of 1 has); batch 2 and up update it in place.
+bitcast, which only a batch of 1 has). Since the token loop attends over the cache as it was plus
+the new key and writes after (`dot_product.cached_step_attention`), no batch copies it: the batch-1
+step over 288 slots went from 10.3-11.4 to 8.3 ms (two alternating runs, 5 calls each), batch 8
+unchanged (14.0-16.6 ms against 14.5-15.3, three alternating runs). The same day, a busier hour
+(load average 2.5-2.8), the default command gave x hf 1.30 / 1.21 / 1.00 at batch 1 / 8 / 32
+(9.3 / 19.9 / 45.7 ms/step against HF's 12.0 / 24.1 / 45.8; tokens all equal).
 """
 from __future__ import annotations
 
