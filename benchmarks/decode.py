@@ -125,7 +125,7 @@ cache update twice (once for the carried cache, once for the attention dot that 
 bitcast, which only a batch of 1 has). Since the token loop attends over the cache as it was plus
 the new key and writes after (`dot_product.cached_step_attention`), no batch copies it: the batch-1
 step over 288 slots went from 10.3-11.4 to 8.3 ms (two alternating runs, 5 calls each), batch 8
-unchanged (14.0-16.6 ms against 14.5-15.3, three alternating runs). The same day, a busier hour
+unchanged (13.6-16.6 ms against 14.5-15.3, three alternating runs). The same day, a busier hour
 (load average 2.5-2.8), the default command gave x hf 1.30 / 1.21 / 1.00 at batch 1 / 8 / 32
 (9.3 / 19.9 / 45.7 ms/step against HF's 12.0 / 24.1 / 45.8; tokens all equal).
 """
