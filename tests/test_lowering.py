@@ -117,13 +117,14 @@ def test_sharded_train_step_for_cuda_partitions_the_cudnn_call(cudnn_version):
 
 def test_decode_for_cuda_prefills_with_cudnn_and_steps_with_the_einsum(cudnn_version, caplog):
     """The prompt (8 positions, offset by the cache index) goes through cuDNN's forward with a
-    mask bias, once per (unrolled) layer; the one-token steps have odd length 1, which cuDNN's
-    bias path does not take, so they use the `xla` einsum; no backward anywhere."""
+    mask bias, once per (unrolled) layer; the one-token steps run `cached_step_attention`'s
+    einsums over the cache (no kernel is selected for them: one cuDNN call per layer in all,
+    the prefill's); no backward anywhere."""
     with caplog.at_level(logging.INFO, logger="transformer_jax.layers.dot_product"):
         found = calls(lower_generate("cuda"))
-    assert found[CUDNN_FWD] == 2 and found[CUDNN_BWD] == 0, found  # llama-tiny: 2 layers
-    assert "attention implementation=xla: cudnn not usable (cuDNN's backward with a bias needs even lengths, " \
-           "got 1/12)" in caplog.text
+    assert found[CUDNN_FWD] == 2 and found[CUDNN_BWD] == 0, found  # llama-tiny: 2 layers, prefill only
+    assert "attention implementation=cudnn" in caplog.text
+    assert "Lq x Lk = 1 x" not in caplog.text and "got 1/" not in caplog.text  # the steps select nothing
 
 
 def test_sharded_decode_lowers_for_cuda_and_tpu(cudnn_version):
