@@ -123,7 +123,7 @@ the cache at ~13 GB/s (4.3 ms a step), the weights' GEMMs at 10-16 GB/s. At batc
 the 9.8 ms step over 288 slots were copies of the KV cache that XLA added when it fused a layer's
 cache update twice (once for the carried cache, once for the attention dot that reads it through a
 bitcast, which only a batch of 1 has). Since the token loop attends over the cache as it was plus
-the new key and writes after (`dot_product.cached_step_attention`), no batch copies it: the batch-1
+the new key and writes after (`step_attention.cached_step_attention`), no batch copies it: the batch-1
 step over 288 slots went from 10.3-11.4 to 8.3 ms (two alternating runs, 5 calls each), batch 8
 unchanged (13.6-16.6 ms against 14.5-15.3, three alternating runs). The same day, a busier hour
 (load average 2.5-2.8), the default command gave x hf 1.30 / 1.21 / 1.00 at batch 1 / 8 / 32
