@@ -149,10 +149,10 @@ def test_decoding_on_a_mesh_equals_one_device(lm):
 @pytest.mark.parametrize("prompts", [[[5, 6, 7], [8, 9]], [[5, 6, 7]]])
 def test_generate_compiles_once_and_updates_the_cache_in_place(lm, prompts):
     """A second call of the same shapes reuses the compiled loop (no host trace), the
-    compiled loop neither copies nor transposes a layer's whole KV cache [B, K, S, D] (each
-    step writes its token's keys/values into the carried buffer, after reading it: at batch 1
-    XLA had copied it four times per layer and step), and the prefill projects only each
-    row's last position onto the vocabulary."""
+    compiled loops neither copy nor transpose a layer's whole KV cache [B, K, S, D] at any of
+    its sizes (each step writes its token's keys/values into the carried buffer, after reading
+    it: at batch 1 XLA had copied it four times per layer and step), and the prefill projects
+    only each row's last position onto the vocabulary."""
     model, params = lm
     b = len(prompts)
     decode.generate(model, params, prompts, max_new_tokens=34)
@@ -160,18 +160,56 @@ def test_generate_compiles_once_and_updates_the_cache_in_place(lm, prompts):
     decode.generate(model, params, [[1, 2, 3], [4]][:b], max_new_tokens=34)
     assert decode._generate._cache_size() == compiled
     tokens, seg, pos, lengths = decode.left_pad(prompts)
+    caps = decode.cache_capacities(3, 34, first=16)
+    assert caps == (16, 32, 37)
     hlo = decode._generate.lower(decode.decoding_model(model), params, tokens, seg, pos, jnp.asarray(lengths),
                                  jax.random.key(0), None, None, max_new_tokens=34, temperature=0.0, top_k=0, top_p=1.0,
-                                 eos_id=None, pad_id=0).compile().as_text()
-    cache = f"f32[{b},2,37,8]"  # batch b, 2 kv heads, 3 + 34 slots, head_dim 8
-    assert "dynamic-update-slice" in hlo and cache in hlo
-    moves = [line for line in hlo.splitlines()
-             if (m := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) (\w+)\(", line)) and m[2].startswith(cache)
-             and ("transpose" in m[1] or m[3] in ("copy", "transpose"))]
-    assert not moves, moves[:3]
+                                 eos_id=None, pad_id=0, caps=caps).compile().as_text()
+    assert hlo.count("dynamic-update-slice") >= len(caps)
+    for slots in caps:
+        cache = f"f32[{b},2,{slots},8]"  # batch b, 2 kv heads, head_dim 8
+        assert cache in hlo
+        moves = [line for line in hlo.splitlines()
+                 if (m := re.match(r"\s*(?:ROOT )?%([\w.-]+) = (\S+) (\w+)\(", line)) and m[2].startswith(cache)
+                 and ("transpose" in m[1] or m[3] in ("copy", "transpose"))]
+        assert not moves, moves[:3]
     v = model.config.vocab_size
     assert f"f32[{b},{v}]" in hlo  # the last position's logits
     assert f"f32[{3 * b},{v}]" not in hlo and f"f32[{b},3,{v}]" not in hlo  # not all 3 prompt positions
+
+
+@pytest.mark.parametrize("prompt_len, new", [(1, 1), (3, 1), (5, 200), (127, 1), (128, 1), (200, 3000)])
+def test_cache_capacities_double_from_above_the_prompt_to_the_total(prompt_len, new):
+    caps = decode.cache_capacities(prompt_len, new)
+    assert caps[0] > prompt_len and caps[-1] == prompt_len + new  # room for the first step's key
+    assert caps[0] == max(decode.CACHE_BLOCK, caps[0]) or len(caps) == 1
+    assert all(a < b <= 2 * a for a, b in zip(caps, caps[1:]))
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "mistral-window", "t5-tiny"])
+def test_a_growing_cache_decodes_as_one_cache_of_the_final_size(name, monkeypatch):
+    """The cache grown 3 times (8, 16, 32, then the 47 or 42 slots needed: RoPE or learned positions, a sliding
+    window, T5's relative bias with its cross-attention cache, left-padded rows, sampling and
+    EOS carried across the loops) gives the tokens of one cache of the final size."""
+    cfg = get_config("llama-tiny", sliding_window=5) if name == "mistral-window" else get_config(name)
+    model = build_model(cfg)
+    seq2seq = cfg.family == "encoder_decoder"
+    dec = jnp.ones((1, 4), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(1), *((jnp.ones((1, 8), jnp.int32), dec) if seq2seq else (dec,)))
+    prompts, kw = [[5, 6, 7, 8, 9, 10, 11], [3, 4]], dict(max_new_tokens=40, temperature=0.8, seed=2)
+    if seq2seq:
+        prompts, kw = [[1], [1, 7]], dict(kw, inputs=[[5, 6, 7, 8], [9, 10]])
+    out = {}
+    for block in (8, 10**6):
+        monkeypatch.setattr(decode, "CACHE_BLOCK", block)
+        out[block] = decode.generate(model, params["params"], prompts, **kw)
+        eos = int(out[block].tokens[1, 20])
+        out[block, "eos"] = decode.generate(model, params["params"], prompts, eos_id=eos, **kw)
+    assert decode.cache_capacities(7, 40, first=8) == (8, 16, 32, 47) and decode.cache_capacities(7, 40) == (47,)
+    np.testing.assert_array_equal(out[8].tokens, out[10**6].tokens)
+    np.testing.assert_array_equal(out[8, "eos"].tokens, out[10**6, "eos"].tokens)
+    np.testing.assert_array_equal(out[8, "eos"].lengths, out[10**6, "eos"].lengths)
+    assert out[8, "eos"].lengths[1] <= 21
 
 
 def test_bf16_decoding_runs_batched_and_starts_with_the_forward_argmax():

@@ -15,9 +15,12 @@ Decoding runs the layers unrolled (`decoding_model`): a model trained with `nn.s
 layers has its stacked params sliced per layer inside the jitted call. Scanned, every layer's
 KV cache would be a slice of the scan's xs/ys and each step would copy the whole stacked cache;
 unrolled, each layer's cache is its own buffer in the loop carry, updated in place by a
-`dynamic_update_slice`, so a step costs the same whatever the cache length. The cache is
-created inside the jitted call; the compiled program is reused by every call with the same
-model, batch, prompt length and settings.
+`dynamic_update_slice`. A step still reads every slot of its cache, filled or not, so the
+cache grows with the tokens (`cache_capacities`: 128 slots or the next power of two above the
+prompt, doubling up to prompt + max_new_tokens), one token loop per size, the cache padded
+once between them: a step reads at most about twice the slots filled so far, not the final
+length. The cache is created inside the jitted call; the compiled program is reused by
+every call with the same model, batch, prompt length and settings.
 
 On a mesh, decode inside the mesh and logical rules with the params placed by their logical
 shardings: rows then split over `data`, heads and the KV cache over `tensor`.
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NEG_INF = -1e30
+CACHE_BLOCK = 128  # the first KV cache `generate` makes holds at least this many positions
 
 
 @dataclasses.dataclass
@@ -171,21 +175,19 @@ def _decoder_apply(model, params, cache, tokens, seg, pos, encoded, encoded_seg)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id",
-                                             "pad_id"))
+                                             "pad_id", "caps"))
 def _generate(model, params, tokens, seg, pos, lengths, rng, encoded, encoded_seg, *, max_new_tokens,
-              temperature, top_k, top_p, eos_id, pad_id):
-    """`model` runs scanned or unrolled as given; `generate` passes `decoding_model(model)`."""
-    b = tokens.shape[0]
+              temperature, top_k, top_p, eos_id, pad_id, caps=None):
+    """`model` runs scanned or unrolled as given; `generate` passes `decoding_model(model)`.
+    `caps`: the cache sizes of the token loops (default `cache_capacities`)."""
+    b, p = tokens.shape
     params = unstack_layers(params)
-    cache = init_cache(model, b, tokens.shape[1] + max_new_tokens, encoded)
+    caps = caps or cache_capacities(p, max_new_tokens)
+    cache = init_cache(model, b, caps[0], encoded)
     logits, cache = _decoder_apply(model, params, cache, tokens, seg, pos, encoded, encoded_seg)  # prefill
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     done = jnp.zeros((b,), bool)
     n_out = jnp.zeros((b,), jnp.int32)
-
-    def cond(carry):
-        i, _, _, done, *_ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
         i, cache, last_logits, done, out, n_out, rng = carry
@@ -201,8 +203,35 @@ def _generate(model, params, tokens, seg, pos, lengths, rng, encoded, encoded_se
         return i + 1, cache, logits[:, -1], done, out, n_out, rng
 
     carry = (jnp.int32(0), cache, logits[:, -1], done, out, n_out, rng)
-    _, _, _, _, out, n_out, _ = jax.lax.while_loop(cond, body, carry)
+    for j, cap in enumerate(caps):  # iteration i writes slot p + i: this cache holds i < cap - p
+        if j:
+            carry = carry[:1] + (_grow_cache(model, carry[1], b, caps[j - 1], cap, encoded),) + carry[2:]
+        carry = jax.lax.while_loop(lambda c, end=cap - p: (c[0] < end) & ~jnp.all(c[3]), body, carry)
+    _, _, _, _, out, n_out, _ = carry
     return out, n_out
+
+
+def cache_capacities(prompt_len: int, max_new_tokens: int, first: int | None = None) -> tuple[int, ...]:
+    """The KV cache sizes `generate` decodes with, one token loop each: doubling from `first`
+    slots up to prompt + max_new_tokens. A step attends over every slot of its cache, filled
+    or not, so a cache that grows with the tokens reads ~2/3 of the slots one of the final
+    size would (for max_new_tokens >> prompt); each growth copies the cache once."""
+    total = prompt_len + max_new_tokens
+    caps = [max(first or CACHE_BLOCK, 1 << prompt_len.bit_length())]  # above the prompt: the first step's slot too
+    while caps[-1] < total:
+        caps.append(2 * caps[-1])
+    return tuple(c for c in caps if c < total) + (total,)
+
+
+def _grow_cache(model, cache, batch: int, old: int, new: int, encoded):
+    """`cache` of `old` positions padded to `new` (zeros: empty slots of segment 0); the leaves
+    that do not depend on the length (cache indices, cross-attention keys) pass as they are."""
+    def pad(x, was, will):
+        if was.shape == will.shape:
+            return x
+        (axis,) = [a for a, (u, v) in enumerate(zip(was.shape, will.shape)) if u != v]
+        return jnp.pad(x, [(0, will.shape[axis] - was.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
+    return jax.tree.map(pad, cache, _cache_shapes(model, batch, old, encoded), _cache_shapes(model, batch, new, encoded))
 
 
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -226,7 +255,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
         encoded = _encode(model, params, enc_tok, encoded_seg, enc_pos)
     out, n = _generate(decoding_model(model), params, tokens, seg, pos, jnp.asarray(lengths), jax.random.key(seed), encoded,
                        encoded_seg, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                       top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)
+                       top_p=float(top_p), eos_id=eos_id, pad_id=pad_id,
+                       caps=cache_capacities(p, max_new_tokens))
     return Generated(np.asarray(out), np.asarray(n))
 
 

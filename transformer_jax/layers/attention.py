@@ -30,8 +30,8 @@ import jax.numpy as jnp
 
 from transformer_jax.layers.dense import Dense, LoRA, fan_in_init, matmul
 from transformer_jax.layers.dot_product import dot_product_attention
-from transformer_jax.layers.step_attention import cached_step_attention
 from transformer_jax.layers.embeddings import apply_rope
+from transformer_jax.layers.step_attention import cached_step_attention
 
 
 class MultiHeadAttention(nn.Module):
