@@ -128,6 +128,24 @@ step over 288 slots went from 10.3-11.4 to 8.3 ms (two alternating runs, 5 calls
 unchanged (13.6-16.6 ms against 14.5-15.3, three alternating runs). The same day, a busier hour
 (load average 2.5-2.8), the default command gave x hf 1.30 / 1.21 / 1.00 at batch 1 / 8 / 32
 (9.3 / 19.9 / 45.7 ms/step against HF's 12.0 / 24.1 / 45.8; tokens all equal).
+
+On 2026-12-06, on the 2-core Intel Xeon (load average 1.1-1.7), same versions, same command, after
+the KV cache grew with the tokens (`decode.cache_capacities`: here 128 slots, then 288, one token
+loop each, instead of 288 slots from the first step); before it, the same morning (load 0.9-1.7):
+7.1 / 16.7 / 41.1 ms/step against HF's 9.1 / 23.3 / 49.1 (x hf 1.28 / 1.39 / 1.20):
+
+| batch | jax ms/step | hf ms/step | x hf |
+|---|---|---|---|
+| 1 | 6.5 | 8.6 | 1.33 |
+| 8 | 16.4 | 25.3 | 1.55 |
+| 32 | 37.6 | 44.2 | 1.18 |
+
+(greedy tokens all equal); cache fill at batch 8 (one loop each, as before): jax 11.3 and 16.3
+ms/step (1.43, per round 1.32-1.78), hf 15.7 and 25.8 (1.64). The two versions alternated, one
+process each, prompt 32, medians of 5 calls of (t(256 new) - t(1 new)) / 255, two rounds (a busy
+hour, same tokens): batch 8 20.9 / 19.0 -> 17.3 / 14.9 ms/step, batch 32 45.5 / 45.1 -> 42.8 /
+34.5; the first call (compiling two loops instead of one) 7.6-8.4 -> 7.9-9.6 s at batch 8. Three
+sizes (128, 256, 288) ran about as fast and compiled 3-4 s longer.
 """
 from __future__ import annotations
 

@@ -160,8 +160,7 @@ def test_generate_compiles_once_and_updates_the_cache_in_place(lm, prompts):
     decode.generate(model, params, [[1, 2, 3], [4]][:b], max_new_tokens=34)
     assert decode._generate._cache_size() == compiled
     tokens, seg, pos, lengths = decode.left_pad(prompts)
-    caps = decode.cache_capacities(3, 34, first=16)
-    assert caps == (16, 32, 37)
+    caps = (16, 32, 37)  # three token loops
     hlo = decode._generate.lower(decode.decoding_model(model), params, tokens, seg, pos, jnp.asarray(lengths),
                                  jax.random.key(0), None, None, max_new_tokens=34, temperature=0.0, top_k=0, top_p=1.0,
                                  eos_id=None, pad_id=0, caps=caps).compile().as_text()
@@ -178,17 +177,19 @@ def test_generate_compiles_once_and_updates_the_cache_in_place(lm, prompts):
     assert f"f32[{3 * b},{v}]" not in hlo and f"f32[{b},3,{v}]" not in hlo  # not all 3 prompt positions
 
 
-@pytest.mark.parametrize("prompt_len, new", [(1, 1), (3, 1), (5, 200), (127, 1), (128, 1), (200, 3000)])
-def test_cache_capacities_double_from_above_the_prompt_to_the_total(prompt_len, new):
+@pytest.mark.parametrize("prompt_len, new", [(1, 1), (3, 1), (5, 200), (127, 1), (128, 1), (200, 3000), (32, 2048)])
+def test_cache_capacities_grow_from_above_the_prompt_to_the_total(prompt_len, new):
+    total = prompt_len + new
     caps = decode.cache_capacities(prompt_len, new)
-    assert caps[0] > prompt_len and caps[-1] == prompt_len + new  # room for the first step's key
-    assert caps[0] == max(decode.CACHE_BLOCK, caps[0]) or len(caps) == 1
-    assert all(a < b <= 2 * a for a, b in zip(caps, caps[1:]))
+    assert caps[0] > prompt_len and caps[-1] == total and len(caps) <= 3  # room for the first step's key
+    assert all(c >= decode.CACHE_BLOCK and c & (c - 1) == 0 and 1.25 * c < total for c in caps[:-1])
+    assert all(2 * a == b for a, b in zip(caps[:-2], caps[1:-1])) and all(b <= 2.5 * a for a, b in zip(caps, caps[1:]))
+    assert (decode.cache_capacities(32, 2048) == (512, 1024, 2080)) and decode.cache_capacities(32, 64) == (96,)
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "mistral-window", "t5-tiny"])
 def test_a_growing_cache_decodes_as_one_cache_of_the_final_size(name, monkeypatch):
-    """The cache grown 3 times (8, 16, 32, then the 47 or 42 slots needed: RoPE or learned positions, a sliding
+    """The cache grown twice (16, 32, then the 47 or 42 slots needed: RoPE or learned positions, a sliding
     window, T5's relative bias with its cross-attention cache, left-padded rows, sampling and
     EOS carried across the loops) gives the tokens of one cache of the final size."""
     cfg = get_config("llama-tiny", sliding_window=5) if name == "mistral-window" else get_config(name)
@@ -205,7 +206,7 @@ def test_a_growing_cache_decodes_as_one_cache_of_the_final_size(name, monkeypatc
         out[block] = decode.generate(model, params["params"], prompts, **kw)
         eos = int(out[block].tokens[1, 20])
         out[block, "eos"] = decode.generate(model, params["params"], prompts, eos_id=eos, **kw)
-    assert decode.cache_capacities(7, 40, first=8) == (8, 16, 32, 47) and decode.cache_capacities(7, 40) == (47,)
+    assert decode.cache_capacities(7, 40, first=8) == (16, 32, 47) and decode.cache_capacities(7, 40) == (47,)
     np.testing.assert_array_equal(out[8].tokens, out[10**6].tokens)
     np.testing.assert_array_equal(out[8, "eos"].tokens, out[10**6, "eos"].tokens)
     np.testing.assert_array_equal(out[8, "eos"].lengths, out[10**6, "eos"].lengths)
