@@ -120,9 +120,10 @@ def test_beam_search_finds_a_likelier_sequence_than_greedy(seq2seq):
         assert logprob(inp, beam.tokens[row].tolist()) >= logprob(inp, greedy.tokens[row].tolist()) - 1e-4
 
 
-def test_decoding_on_a_mesh_equals_one_device(lm):
-    """dp_tp on (data=4, tensor=2): rows split over data, heads and the KV cache over tensor;
-    the same tokens as one device, and the compiled loop really holds tensor-parallel all-reduces."""
+def test_decoding_on_a_mesh_equals_one_device(lm, monkeypatch):
+    """dp_tp on (data=4, tensor=2): rows split over data, heads and the KV cache over tensor
+    (grown once, 8 -> 11 slots); the same tokens as one device, and the compiled loops really
+    hold tensor-parallel all-reduces."""
     import flax.linen as nn
     from transformer_jax.parallel import logical_shardings
     from transformer_jax.parallel.mesh import MeshConfig, make_mesh
@@ -130,6 +131,8 @@ def test_decoding_on_a_mesh_equals_one_device(lm):
 
     model, params = lm
     prompts = [[5, 6, 7, 8, 9], [3, 4], [7], [9, 9, 9]]
+    monkeypatch.setattr(decode, "CACHE_BLOCK", 4)
+    assert decode.cache_capacities(5, 6) == (8, 11)
     want = decode.generate(model, params, prompts, max_new_tokens=6, temperature=0.7, seed=3)
     mesh, rules = make_mesh(MeshConfig(data=4, fsdp=1, tensor=2)), get_rules("dp_tp")
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
