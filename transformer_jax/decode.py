@@ -18,8 +18,8 @@ unrolled, each layer's cache is its own buffer in the loop carry, updated in pla
 `dynamic_update_slice`. A step still reads every slot of its cache, filled or not, so the
 cache grows with the tokens (`cache_capacities`: up to three sizes, e.g. 512, 1024, then the
 final 2080 slots for a prompt of 32 and 2048 new tokens), one token loop per size, the cache
-padded once between them. The cache is created inside the jitted call; the compiled program is reused by
-every call with the same model, batch, prompt length and settings.
+padded once between them. The cache is created inside the jitted call; the compiled program
+is reused by every call with the same model, batch, prompt length and settings.
 
 On a mesh, decode inside the mesh and logical rules with the params placed by their logical
 shardings: rows then split over `data`, heads and the KV cache over `tensor`.
