@@ -107,6 +107,17 @@ def test_data_parallel_reduces_once_per_step_not_per_chunk_or_microbatch():
     assert got["all-reduce"] < 1e-4 * params  # the loss sums
 
 
+def test_fsdp_accumulation_all_reduces_no_gradient_per_microbatch():
+    # every parameter is split over fsdp (norm scales and biases too: partition.py), so each
+    # microbatch reduce-scatters its gradients and nothing is all-reduced but the loss sums; a
+    # replicated bias's partial sum was all-reduced inside the microbatch loop (2x the textbook)
+    setup, got, want, stats, _ = measure("fsdp", accum=2, rows=16)
+    assert stats.loops and max(stats.loops.values()) >= 2
+    assert want["all-reduce"] == 0.0
+    assert got["all-reduce"] < 1e-4 * 4 * setup.param_count, got
+    assert got["reduce-scatter"] <= 1.02 * want["reduce-scatter"], (got, want)
+
+
 @pytest.mark.slow
 def test_accumulation_keeps_the_data_reduction_once_on_a_tp_mesh():
     setup, got1, *_ = measure("dp_tp")

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from model_testing import inputs_for
 from transformer_jax.models import build_model, get_config
-from transformer_jax.parallel.partition import check_divisible, init_sharded, split_update
+from transformer_jax.parallel.partition import check_divisible, init_sharded, logical_shardings, split_update
 from transformer_jax.parallel.rules import LOGICAL_AXES, PRESETS, get_rules
 
 MESHES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 8), "dp_tp": (2, 1, 4), "fsdp_tp": (2, 2, 2)}
@@ -74,6 +74,29 @@ def test_parameters_are_split_as_the_rules_say(preset):
     # Every device holds a distinct piece (or a replica) and the pieces rebuild the whole.
     assert len(q.addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(q), np.asarray(jax.device_get(q)))
+
+
+@pytest.mark.parametrize("preset,mesh", [("fsdp", (1, 8, 1)), ("fsdp_tp", (2, 2, 2)), ("dp", (2, 4, 1))])
+def test_fsdp_presets_split_every_parameter_over_fsdp(preset, mesh):
+    """ZeRO-3: norm scales and the biases of projections into heads or mlp too, whose logical
+    axes the rules leave whole over fsdp, on a dimension fsdp divides and never along "layers";
+    a preset that replicates weights (dp, its batch over data x fsdp) leaves them whole."""
+    model = build_model(get_config("gpt2-tiny", d_model=64, num_heads=8))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((8, 16), jnp.int32))["params"]
+    shardings = logical_shardings(abstract, mesh_of(mesh), get_rules(preset))
+    flat = jax.tree_util.tree_leaves_with_path(shardings)
+    names = [p for p, _ in jax.tree_util.tree_leaves_with_path(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))]
+    assert len(flat) == len(names) > 10
+    for (path, s), leaf in zip(flat, jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))):
+        spec = tuple(s.spec) + (None,) * (leaf.value.ndim - len(s.spec))
+        axes = [a for e in spec if e for a in ((e,) if isinstance(e, str) else e)]
+        assert ("fsdp" in axes) == (preset != "dp"), (jax.tree_util.keystr(path), spec)
+        if "layers" in leaf.names:
+            assert spec[leaf.names.index("layers")] is None, (jax.tree_util.keystr(path), spec)
+    bias = dict((jax.tree_util.keystr(p), s.spec) for p, s in flat)
+    if preset == "fsdp_tp":  # the mlp bias: split over tensor by the rules, then over fsdp too
+        assert bias["['decoder']['layers']['mlp']['wi']['bias']"] == P(None, ("tensor", "fsdp"))
+        assert bias["['decoder']['layers']['self_attention']['query']['bias']"] == P(None, "tensor", "fsdp")
 
 
 def test_indivisible_dimension_is_a_one_line_error():

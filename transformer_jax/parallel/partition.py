@@ -13,15 +13,41 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from transformer_jax.parallel.rules import AXIS_SETTINGS, Rules
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedSharding for every leaf of a (boxed) tree; unboxed leaves are replicated."""
+    """NamedSharding for every leaf of a (boxed) tree; unboxed leaves are replicated.
+
+    Under a preset that splits weights over fsdp, every weight is split over fsdp (ZeRO-3): one
+    whose named axes the rules leave whole over fsdp (the bias of a projection into heads or
+    mlp) on its largest dimension that fsdp divides ("layers" excepted, which the layer scan
+    slices), or else after tensor on a dimension tensor splits (the mlp bias under fsdp_tp).
+    Its gradient is then reduce-scattered with the others, where GSPMD all-reduces a
+    replicated one once per microbatch under gradient accumulation. Leaves with an unnamed
+    axis (T5's relative-position table, LoRA factors) keep the rules' sharding: split over
+    fsdp, the position table's forward gathered more bytes than its gradient saved."""
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    if mesh.shape.get("fsdp", 1) == 1 or not any(axes == "fsdp" for name, axes in rules if name != "batch"):
+        return shardings
+
+    def zero3(leaf, sharding):
+        if not isinstance(leaf, nn.LogicallyPartitioned) or None in leaf.names:
+            return sharding
+        keep = tuple(i for i, name in enumerate(leaf.names) if name == "layers")
+        sharding = split_update(sharding, leaf.value.shape, "fsdp", keep)
+        spec = tuple(sharding.spec) + (None,) * (len(leaf.value.shape) - len(sharding.spec))
+        if any("fsdp" in ((e,) if isinstance(e, str) else e) for e in spec if e):
+            return sharding
+        for i, (n, e) in enumerate(zip(leaf.value.shape, spec)):
+            axes = (e,) if isinstance(e, str) else tuple(e or ())
+            if axes and i not in keep and n % int(np.prod([mesh.shape[a] for a in axes + ("fsdp",)])) == 0:
+                return NamedSharding(mesh, PartitionSpec(*spec[:i], axes + ("fsdp",), *spec[i + 1:]))
+        return sharding
+    return jax.tree.map(zero3, abstract_tree, shardings, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def check_divisible(abstract_tree: Any, mesh: Mesh, rules: Rules) -> None:
@@ -52,9 +78,10 @@ def check_divisible(abstract_tree: Any, mesh: Mesh, rules: Rules) -> None:
 
 
 def split_update(sharding: jax.sharding.NamedSharding, shape: tuple[int, ...],
-                 axis: str = "data") -> jax.sharding.NamedSharding:
+                 axis: str = "data", keep: tuple[int, ...] = ()) -> jax.sharding.NamedSharding:
     """`sharding` with `axis` added on one more dimension: the largest one that no other mesh
-    axis splits and that `axis` divides (unchanged when there is none, or `axis` has size 1).
+    axis splits and that `axis` divides, `keep` excepted (unchanged when there is none, when
+    `axis` splits one already, or has size 1).
 
     The weight update's sharding (Xu et al. 2020, "Automatic cross-replica sharding of weight
     update"): gradients reduce-scattered over data, each replica updates its 1/d of the
@@ -62,7 +89,7 @@ def split_update(sharding: jax.sharding.NamedSharding, shape: tuple[int, ...],
     gradient all-reduce, with the optimizer's work and memory split d ways."""
     size = sharding.mesh.shape[axis]
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-    free = [i for i, (n, e) in enumerate(zip(shape, spec)) if e is None and n % size == 0]
+    free = [i for i, (n, e) in enumerate(zip(shape, spec)) if e is None and n % size == 0 and i not in keep]
     if size == 1 or not free or any(axis in ((e,) if isinstance(e, str) else e) for e in spec if e):
         return sharding
     dim = max(free, key=lambda i: (shape[i], -i))
