@@ -2,8 +2,9 @@
 every preset on 8 fake devices, loop trip counts applied (the fused loss's chunk loop, the
 microbatch loop). A regression that reduces inside a loop again multiplies the bytes and fails.
 
-Every kind within 1.1x of the formula (plus the few scalars per token of a split vocabulary's
-softmax), and XLA's "Involuntary full rematerialization" warning is a failure."""
+All-gathers and reduce-scatters within 1.02x of the formula, all-reduces within 1.1x (plus the
+few scalars per token of a split vocabulary's softmax), and XLA's "Involuntary full
+rematerialization" warning is a failure."""
 import contextlib
 import math
 import os
@@ -77,12 +78,15 @@ def _act(setup):
     return B // (d * f) * L * D * 4
 
 
-@pytest.mark.parametrize("preset", list(MESHES))
-def test_collectives_within_1_1x_of_the_textbook(preset):
-    _, got, want, *_ = measure(preset)
-    small = 0.02 * sum(want.values())  # per-token softmax statistics over a split vocabulary
-    for k in KINDS:
-        assert got[k] <= 1.1 * want[k] + small, (k, got, want)
+@pytest.mark.parametrize("preset,mesh", [(p, None) for p in MESHES] + [("fsdp", (2, 4, 1))])
+def test_collectives_at_the_textbook(preset, mesh):
+    _, got, want, *_ = measure(preset, mesh=mesh)
+    # all-gathers and reduce-scatters are the formula's to 2% (before learned positions' gradient
+    # was a one-hot contraction, fsdp_tp gathered 1.14x: the scatter-add gathered its updates);
+    # all-reduces to 10%, plus the scalars per token of a split vocabulary's softmax
+    assert got["all-gather"] <= 1.02 * want["all-gather"] + 4096, (got, want)
+    assert got["reduce-scatter"] <= 1.02 * want["reduce-scatter"] + 4096, (got, want)
+    assert got["all-reduce"] <= 1.1 * want["all-reduce"] + 0.005 * sum(want.values()), (got, want)
     assert sum(got.values()) >= 0.9 * sum(want.values()), (got, want)  # the formula is not an overestimate
 
 

@@ -121,13 +121,13 @@ def test_lookup_from_a_table_split_along_embed_runs_in_each_devices_columns():
                 assert f"[{V}," not in line.split("=")[1], line  # nothing table-sized moves
 
 
-def test_bucket_lookup_is_take_with_the_same_gradient():
+def test_small_table_lookup_is_take_with_the_same_gradient():
     """The relative bias's lookup under FSDP: a gather forward, a one-hot contraction backward
     (test_collectives pins what it saves)."""
-    from transformer_jax.layers.embeddings import bucket_lookup
+    from transformer_jax.layers.embeddings import small_table_lookup
     table = jax.random.normal(jax.random.key(0), (8, 3))
     buckets = jax.random.randint(jax.random.key(1), (2, 5, 7), 0, 8)
     g = jax.random.normal(jax.random.key(2), (2, 5, 7, 3))
     ours, plain = (jax.value_and_grad(lambda t, f=f: jnp.sum(f(t, buckets) * g))(table)
-                   for f in (bucket_lookup, lambda t, b: jnp.take(t, b, axis=0)))
+                   for f in (small_table_lookup, lambda t, b: jnp.take(t, b, axis=0)))
     chex.assert_trees_all_close(ours, plain, rtol=1e-5, atol=1e-5)

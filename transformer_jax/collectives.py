@@ -47,6 +47,12 @@ And, with tensor parallelism (t > 1), Megatron's activation traffic with sequenc
 
 Each all-gather + reduce-scatter pair moves the link bytes of the one all-reduce of Megatron
 TP without sequence parallelism, while norms, residuals and dropout run on 1/t of the positions.
+The weights those run on (S: every parameter tensor does not split: norm scales and biases, the
+output projections' biases, a learned position table) get gradients summed over each device's
+positions only, all-reduced over tensor (Korthikanti et al., sec. 4.2.2):
+
+    all-reduce      + S               (t > 1; over data replicas without fsdp, S is part of P_r
+                                        and that all-reduce over data x tensor is the one above)
 
 Gradient accumulation does not change any of it: one reduction per step, not per microbatch
 (FSDP's reduce-scatter excepted, which runs per microbatch so that no device ever holds a
@@ -81,10 +87,11 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
     mesh = setup.mesh
     d, f, t = (mesh.shape[a] for a in ("data", "fsdp", "tensor"))
     fused = bool(setup.task_cfg.loss_chunk) and setup.task_cfg.task in FUSED_TASKS
-    p_fsdp = p_rest = t_fsdp = e_fsdp = 0.0
+    p_fsdp = p_rest = t_fsdp = e_fsdp = seq = 0.0
     for path, x in jax.tree_util.tree_leaves_with_path(setup.abstract_state.params):
         axes = _axes(x.sharding.spec)
         nbytes = math.prod(x.shape) * x.dtype.itemsize / (t if "tensor" in axes else 1)
+        seq += nbytes if "tensor" not in axes else 0.0
         if f > 1 and "fsdp" in axes:
             p_fsdp += nbytes
             names = {str(getattr(k, "key", k)) for k in path}
@@ -112,7 +119,7 @@ def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:
         chunked = fused and chunk_positions(setup.task_cfg.loss_chunk, rows // (d * f), length) < length
         out["all-gather"] += (4 * cfg.num_layers + 2) * act
         out["reduce-scatter"] += (4 * cfg.num_layers + 2 - chunked) * act
-        out["all-reduce"] += chunked * act
+        out["all-reduce"] += chunked * act + (seq if d == 1 or f > 1 else 0.0)
     return out
 
 

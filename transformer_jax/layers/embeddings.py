@@ -77,6 +77,8 @@ class LearnedPositions(nn.Module):
         # Whole along embed before the gather, as Embed does: a gather from a table split over
         # fsdp into rows split over (data, fsdp) is an "involuntary full rematerialization".
         table = nn.with_logical_constraint(table, (None, None))
+        if logical_shards("batch", manual=False) > 1:  # rows split over an automatic axis: see small_table_lookup
+            return small_table_lookup(table, positions_BL).astype(self.dtype)
         return jnp.take(table, positions_BL, axis=0).astype(self.dtype)
 
 
@@ -126,9 +128,10 @@ def t5_relative_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int, ma
 
 
 @jax.custom_vjp
-def bucket_lookup(table_KH: jax.Array, buckets: jax.Array) -> jax.Array:
-    """table[buckets]: [..., H] rows of a small [K, H] table, whose gradient is the one-hot
-    contraction sum over positions of one_hot(bucket) x g instead of the gather's scatter-add.
+def small_table_lookup(table_KH: jax.Array, buckets: jax.Array) -> jax.Array:
+    """table[buckets]: [..., H] rows of a small [K, H] table (T5's relative-position buckets,
+    learned positions), whose gradient is the one-hot contraction sum over positions of
+    one_hot(bucket) x g instead of the gather's scatter-add.
     The SPMD partitioner runs a contraction over a split batch on each device's rows and sums
     the [K, H] partials; a scatter-add whose updates are split over an automatic axis it runs
     by all-gathering the updates and indices first: T5-base on data=4 x fsdp=4, 437 MiB per
@@ -137,11 +140,11 @@ def bucket_lookup(table_KH: jax.Array, buckets: jax.Array) -> jax.Array:
     return jnp.take(table_KH, buckets, axis=0)
 
 
-def _bucket_lookup_fwd(table_KH, buckets):
+def _small_table_lookup_fwd(table_KH, buckets):
     return jnp.take(table_KH, buckets, axis=0), (table_KH, buckets)
 
 
-def _bucket_lookup_bwd(res, g):
+def _small_table_lookup_bwd(res, g):
     table_KH, buckets = res
     one_hot = jax.nn.one_hot(buckets, table_KH.shape[0], dtype=g.dtype)  # [..., K]
     lead = "".join(chr(ord("a") + i) for i in range(buckets.ndim))
@@ -149,7 +152,7 @@ def _bucket_lookup_bwd(res, g):
     return d_table.astype(table_KH.dtype), None
 
 
-bucket_lookup.defvjp(_bucket_lookup_fwd, _bucket_lookup_bwd)
+small_table_lookup.defvjp(_small_table_lookup_fwd, _small_table_lookup_bwd)
 
 
 class RelativePositionBias(nn.Module):
@@ -168,7 +171,7 @@ class RelativePositionBias(nn.Module):
         rel_BLS = k_positions_BS[:, None, :].astype(jnp.int32) - q_positions_BL[:, :, None].astype(jnp.int32)
         buckets = t5_relative_bucket(rel_BLS, self.bidirectional, self.num_buckets, self.max_distance)
         if logical_shards("batch", manual=False) > 1:  # the rows split over an automatic axis (fsdp)
-            bias_BLSH = bucket_lookup(table, buckets)
+            bias_BLSH = small_table_lookup(table, buckets)
         else:
             bias_BLSH = jnp.take(table, buckets, axis=0)
         return jnp.transpose(bias_BLSH, (0, 3, 1, 2)).astype(self.dtype)
