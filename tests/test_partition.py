@@ -85,9 +85,9 @@ def test_fsdp_presets_split_every_parameter_over_fsdp(preset, mesh):
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((8, 16), jnp.int32))["params"]
     shardings = logical_shardings(abstract, mesh_of(mesh), get_rules(preset))
     flat = jax.tree_util.tree_leaves_with_path(shardings)
-    names = [p for p, _ in jax.tree_util.tree_leaves_with_path(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))]
-    assert len(flat) == len(names) > 10
-    for (path, s), leaf in zip(flat, jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))):
+    leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert len(flat) == len(leaves) > 10
+    for (path, s), leaf in zip(flat, leaves):
         spec = tuple(s.spec) + (None,) * (leaf.value.ndim - len(s.spec))
         axes = [a for e in spec if e for a in ((e,) if isinstance(e, str) else e)]
         assert ("fsdp" in axes) == (preset != "dp"), (jax.tree_util.keystr(path), spec)

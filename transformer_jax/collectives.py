@@ -47,9 +47,9 @@ And, with tensor parallelism (t > 1), Megatron's activation traffic with sequenc
 
 Each all-gather + reduce-scatter pair moves the link bytes of the one all-reduce of Megatron
 TP without sequence parallelism, while norms, residuals and dropout run on 1/t of the positions.
-The weights those run on (S: every parameter tensor does not split: norm scales and biases, the
-output projections' biases, a learned position table) get gradients summed over each device's
-positions only, all-reduced over tensor (Korthikanti et al., sec. 4.2.2):
+The weights those run on (S: the bytes of the parameters tensor does not split: norm scales and
+biases, the output projections' biases, a learned position table) get gradients summed over each
+device's positions only, all-reduced whole over tensor (Korthikanti et al., sec. 4.2.2):
 
     all-reduce      + S               (t > 1; over data replicas without fsdp, S is part of P_r
                                         and that all-reduce over data x tensor is the one above)
@@ -57,12 +57,13 @@ positions only, all-reduced over tensor (Korthikanti et al., sec. 4.2.2):
 Gradient accumulation does not change any of it: one reduction per step, not per microbatch
 (FSDP's reduce-scatter excepted, which runs per microbatch so that no device ever holds a
 whole gradient; that is P_f per microbatch). Under fsdp presets P_r holds no gradient of a
-replicated weight: every parameter is split over fsdp, norm scales and biases included
-(parallel/partition.py: logical_shardings), as GSPMD gives a loop's carried partial sum no
+replicated weight: every parameter is split over fsdp, the biases of projections into heads or
+mlp included (parallel/partition.py: logical_shardings), as GSPMD gives a loop's carried partial sum no
 sharding to stay unreduced in and would all-reduce a replicated one per microbatch (gpt2_xl,
 `plan`: 4.10 MiB of all-reduce against 2.05 before, 800 B of loss sums since).
 
-The TP term is that of decoder-only (lm) and encoder-only (mlm) models; scalars (the loss sums, softmax statistics) are left out.
+The TP term is that of decoder-only (lm) and encoder-only (mlm) models; scalars (the loss sums,
+softmax statistics) are left out.
 """
 from __future__ import annotations
 
