@@ -73,6 +73,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.parallel.partition import mesh_axes_of
 from transformer_jax.train.fused_loss import chunk_positions
 from transformer_jax.train.losses import FUSED_TASKS
 
@@ -80,7 +81,7 @@ KINDS = ("all-gather", "reduce-scatter", "all-reduce")
 
 
 def _axes(spec) -> set[str]:
-    return {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+    return {a for entry in spec for a in mesh_axes_of(entry)}
 
 
 def textbook_bytes(setup: Any, batch: Any) -> dict[str, float]:

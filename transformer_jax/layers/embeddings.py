@@ -77,9 +77,7 @@ class LearnedPositions(nn.Module):
         # Whole along embed before the gather, as Embed does: a gather from a table split over
         # fsdp into rows split over (data, fsdp) is an "involuntary full rematerialization".
         table = nn.with_logical_constraint(table, (None, None))
-        if logical_shards("batch", manual=False) > 1:  # rows split over an automatic axis: see small_table_lookup
-            return small_table_lookup(table, positions_BL).astype(self.dtype)
-        return jnp.take(table, positions_BL, axis=0).astype(self.dtype)
+        return position_lookup(table, positions_BL).astype(self.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling=None) -> np.ndarray:
@@ -155,6 +153,14 @@ def _small_table_lookup_bwd(res, g):
 small_table_lookup.defvjp(_small_table_lookup_fwd, _small_table_lookup_bwd)
 
 
+def position_lookup(table_KH: jax.Array, positions: jax.Array) -> jax.Array:
+    """table[positions] for a table of positions or position buckets: `small_table_lookup`
+    where the rows are split over an automatic axis (fsdp), a plain gather otherwise."""
+    if logical_shards("batch", manual=False) > 1:
+        return small_table_lookup(table_KH, positions)
+    return jnp.take(table_KH, positions, axis=0)
+
+
 class RelativePositionBias(nn.Module):
     """T5's learned bias [B, H, Lq, Lk] from query and key positions; shared by all layers of a stack."""
     num_heads: int
@@ -170,8 +176,5 @@ class RelativePositionBias(nn.Module):
                            (self.num_buckets, self.num_heads), self.param_dtype)
         rel_BLS = k_positions_BS[:, None, :].astype(jnp.int32) - q_positions_BL[:, :, None].astype(jnp.int32)
         buckets = t5_relative_bucket(rel_BLS, self.bidirectional, self.num_buckets, self.max_distance)
-        if logical_shards("batch", manual=False) > 1:  # the rows split over an automatic axis (fsdp)
-            bias_BLSH = small_table_lookup(table, buckets)
-        else:
-            bias_BLSH = jnp.take(table, buckets, axis=0)
+        bias_BLSH = position_lookup(table, buckets)
         return jnp.transpose(bias_BLSH, (0, 3, 1, 2)).astype(self.dtype)

@@ -8,6 +8,7 @@ so no parameter is ever materialised whole on one device.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -37,17 +38,22 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     def zero3(leaf, sharding):
         if not isinstance(leaf, nn.LogicallyPartitioned) or None in leaf.names:
             return sharding
-        keep = tuple(i for i, name in enumerate(leaf.names) if name == "layers")
-        sharding = split_update(sharding, leaf.value.shape, "fsdp", keep)
-        spec = tuple(sharding.spec) + (None,) * (len(leaf.value.shape) - len(sharding.spec))
-        if any("fsdp" in ((e,) if isinstance(e, str) else e) for e in spec if e):
-            return sharding
-        for i, (n, e) in enumerate(zip(leaf.value.shape, spec)):
-            axes = (e,) if isinstance(e, str) else tuple(e or ())
-            if axes and i not in keep and n % int(np.prod([mesh.shape[a] for a in axes + ("fsdp",)])) == 0:
-                return NamedSharding(mesh, PartitionSpec(*spec[:i], axes + ("fsdp",), *spec[i + 1:]))
-        return sharding
+        shape, keep = leaf.value.shape, tuple(i for i, name in enumerate(leaf.names) if name == "layers")
+        split = split_update(sharding, shape, "fsdp", keep)
+        spec = tuple(split.spec) + (None,) * (len(shape) - len(split.spec))
+        if any("fsdp" in mesh_axes_of(e) for e in spec):
+            return split
+        for i, (n, e) in enumerate(zip(shape, spec)):  # after tensor, on a dimension tensor splits
+            axes = mesh_axes_of(e) + ("fsdp",)
+            if len(axes) > 1 and i not in keep and n % math.prod(mesh.shape[a] for a in axes) == 0:
+                return NamedSharding(mesh, PartitionSpec(*spec[:i], axes, *spec[i + 1:]))
+        return split
     return jax.tree.map(zero3, abstract_tree, shardings, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def mesh_axes_of(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry: None, a name or a tuple of names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def check_divisible(abstract_tree: Any, mesh: Mesh, rules: Rules) -> None:
@@ -64,7 +70,7 @@ def check_divisible(abstract_tree: Any, mesh: Mesh, rules: Rules) -> None:
         for dim, name, axes in zip(leaf.value.shape, leaf.names, mesh_axes):
             if axes is None:
                 continue
-            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            axes = mesh_axes_of(axes)
             size = int(np.prod([mesh.shape[a] for a in axes]))
             if dim % size:
                 where = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
@@ -90,7 +96,7 @@ def split_update(sharding: jax.sharding.NamedSharding, shape: tuple[int, ...],
     size = sharding.mesh.shape[axis]
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
     free = [i for i, (n, e) in enumerate(zip(shape, spec)) if e is None and n % size == 0 and i not in keep]
-    if size == 1 or not free or any(axis in ((e,) if isinstance(e, str) else e) for e in spec if e):
+    if size == 1 or not free or any(axis in mesh_axes_of(e) for e in spec):
         return sharding
     dim = max(free, key=lambda i: (shape[i], -i))
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
@@ -105,7 +111,7 @@ def logical_shards(name: str, manual: bool = True) -> int:
     if mesh.empty:
         return 1
     axes = nn.logical_to_mesh_axes((name,))[0]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = mesh_axes_of(axes)
     skip = () if manual else tuple(mesh.manual_axes)
     return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape and a not in skip]))
 
